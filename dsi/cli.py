@@ -1,0 +1,231 @@
+"""The ``dsi`` command: run a local cluster, generate, serve one service, check health, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from dsi.envflags import add_flag
+
+
+def _up(ns: argparse.Namespace) -> int:
+    import logging
+    import threading
+
+    from dsi.cluster import ClusterError, ClusterSpec, LocalCluster
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    spec = ClusterSpec(
+        target_model=ns.target_model,
+        drafter_model=ns.drafter_model,
+        targets=ns.targets,
+        host=ns.host,
+        port=ns.port,
+        threads=ns.threads,
+        device=ns.device,
+        dtype=ns.dtype,
+        emulate_target_ms=ns.emulate_target_ms,
+        emulate_drafter_ms=ns.emulate_drafter_ms,
+        oracle_acceptance=ns.oracle_acceptance,
+        lookahead=ns.lookahead,
+        log_dir=ns.log_dir,
+    )
+    if ns.targets < 1:
+        print("dsi up: --targets must be >= 1", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(spec)
+    print(f"starting {ns.targets} target(s), 1 drafter and the orchestrator; logs in {cluster.log_dir}",
+          file=sys.stderr, flush=True)
+    try:
+        address = cluster.start()
+    except ClusterError as exc:
+        print(f"dsi up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"orchestrator listening on {address}", flush=True)
+        while not stop.is_set():
+            for sp in cluster.processes:
+                if sp.process.poll() is not None:
+                    print(f"dsi up: {sp.name} exited with code {sp.process.returncode}; log {sp.log_path}:\n"
+                          f"{sp.log_tail()}", file=sys.stderr)
+                    return 1
+            stop.wait(0.5)
+        print("stopping the cluster", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from dsi.client import Client, DSIError
+
+    prompt = sys.stdin.read() if ns.prompt == "-" else ns.prompt
+    kwargs = dict(
+        max_new_tokens=ns.max_new_tokens,
+        mode=ns.mode,
+        temperature=ns.temperature,
+        top_k=ns.top_k,
+        top_p=ns.top_p,
+        seed=ns.seed,
+        lookahead=ns.lookahead,
+        sp_degree=ns.sp_degree,
+        verification=ns.verification,
+        stop=ns.stop or (),
+        ignore_eos=ns.ignore_eos,
+    )
+    try:
+        with Client(ns.address, timeout=ns.timeout_s) as client:
+            if ns.json:
+                result = client.generate(prompt, **kwargs)
+                print(json.dumps(result.to_dict()))
+                return 0
+            stats = None
+            for delta in client.stream(prompt, **kwargs):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                stats = delta.stats or stats
+            sys.stdout.write("\n")
+            if stats is not None and not ns.quiet:
+                print(
+                    f"[{stats['mode']}] {stats['new_tokens']} tokens in {stats['wall_s']:.2f}s "
+                    f"({stats['tokens_per_s']:.1f} tok/s), acceptance {stats['acceptance_rate']:.2f}, "
+                    f"windows {stats['windows_dispatched']} (cancelled {stats['windows_cancelled']}, "
+                    f"max in flight {stats['max_windows_in_flight']}), seed {stats['seed']}",
+                    file=sys.stderr,
+                )
+            return 0
+    except DSIError as exc:
+        print(f"dsi generate: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+
+
+def _health(ns: argparse.Namespace) -> int:
+    from dsi.cluster import check_health
+
+    ok = check_health(ns.address, ns.service, ns.timeout_s)
+    print("SERVING" if ok else "NOT_SERVING")
+    return 0 if ok else 1
+
+
+def _info(ns: argparse.Namespace) -> int:
+    from dsi.client import Client, DSIError
+
+    try:
+        with Client(ns.address, timeout=ns.timeout_s) as client:
+            print(json.dumps(client.info(), indent=2))
+    except DSIError as exc:
+        print(f"dsi info: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(role: str):  # type: ignore[no-untyped-def]
+    def run(ns: argparse.Namespace) -> int:
+        if role == "target":
+            from services.target.server import main
+        elif role == "drafter":
+            from services.drafter.server import main
+        else:
+            from services.orchestrator.server import main
+        return int(main(ns))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsi",
+        description="Distributed Speculative Inference: a target pool verifies overlapping drafts in parallel.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a local cluster (targets, drafter, orchestrator) as processes",
+                        description="Start N targets, one drafter and the orchestrator as separate processes, wait "
+                                    "for their health, print 'orchestrator listening on HOST:PORT', and stop them "
+                                    "all on Ctrl-C or SIGTERM.")
+    add_flag(up, "--target-model", env="DSI_UP_TARGET_MODEL", default="",
+             help="target checkpoint directory or hub id (default: the built-in pair)")
+    add_flag(up, "--drafter-model", env="DSI_UP_DRAFTER_MODEL", default="",
+             help="drafter checkpoint directory or hub id (default: the built-in pair)")
+    add_flag(up, "--targets", env="DSI_UP_TARGETS", type=int, default=2, help="number of target instances")
+    add_flag(up, "--host", env="DSI_UP_HOST", default="127.0.0.1", help="address every service binds")
+    add_flag(up, "--port", env="DSI_UP_PORT", type=int, default=50051, help="orchestrator port (0 = any free)")
+    add_flag(up, "--threads", env="DSI_UP_THREADS", type=int, default=1, help="torch threads per model service")
+    add_flag(up, "--device", env="DSI_UP_DEVICE", default="auto", help="device of every model service")
+    add_flag(up, "--dtype", env="DSI_UP_DTYPE", default="auto", help="weight dtype of every model service")
+    add_flag(up, "--emulate-target-ms", env="DSI_UP_EMULATE_TARGET_MS", default="",
+             help="pad target forward passes to PREFILL:DECODE ms (benchmarks)")
+    add_flag(up, "--emulate-drafter-ms", env="DSI_UP_EMULATE_DRAFTER_MS", default="",
+             help="pad drafter forward passes to PREFILL:DECODE ms (benchmarks)")
+    add_flag(up, "--oracle-acceptance", env="DSI_UP_ORACLE_ACCEPTANCE", type=float, default=0.0,
+             help="BENCHMARK ONLY: the drafter proposes the target's greedy token with this probability")
+    add_flag(up, "--lookahead", env="DSI_UP_LOOKAHEAD", type=int, default=5, help="default drafts per window")
+    add_flag(up, "--log-dir", env="DSI_UP_LOG_DIR", default="", help="where the services' logs go (default: a temp dir)")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="generate text through an orchestrator")
+    add_flag(gen, "--address", env="DSI_ADDRESS", default="127.0.0.1:50051", help="orchestrator HOST:PORT")
+    add_flag(gen, "--mode", env="DSI_MODE", default="dsi", choices=["dsi", "si", "nonsi"], help="decoding strategy")
+    add_flag(gen, "--max-new-tokens", env="DSI_MAX_NEW_TOKENS", type=int, default=64, help="tokens to generate at most")
+    add_flag(gen, "--temperature", env="DSI_TEMPERATURE", type=float, default=0.0, help="0 = greedy")
+    add_flag(gen, "--top-k", env="DSI_TOP_K", type=int, default=0, help="0 = off")
+    add_flag(gen, "--top-p", env="DSI_TOP_P", type=float, default=None, help="in (0, 1]; unset = 1")
+    add_flag(gen, "--seed", env="DSI_SEED", type=int, default=None, help="sampling seed (random when unset)")
+    add_flag(gen, "--lookahead", env="DSI_LOOKAHEAD", type=int, default=0, help="drafts per window (0 = server default)")
+    add_flag(gen, "--sp-degree", env="DSI_SP_DEGREE", type=int, default=0,
+             help="windows in flight at once (0 = every healthy target)")
+    add_flag(gen, "--verification", env="DSI_VERIFICATION", default="coupled", choices=["coupled", "rejection"],
+             help="coupled: exact (greedy/Gumbel); rejection: classic rejection sampling")
+    add_flag(gen, "--stop", env="DSI_STOP", action="append", help="stop string (repeatable)")
+    add_flag(gen, "--ignore-eos", env="DSI_IGNORE_EOS", action="store_true", help="generate past EOS tokens")
+    add_flag(gen, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=None, help="deadline of the call")
+    add_flag(gen, "--json", env="DSI_JSON", action="store_true", help="print one JSON object with text, token_ids, stats")
+    add_flag(gen, "--quiet", env="DSI_QUIET", action="store_true", help="do not print the stats line")
+    gen.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="run one service (what docker-compose runs)")
+    roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
+    from services.runtime.settings import add_model_server_arguments
+
+    for role in ("target", "drafter"):
+        p = roles.add_parser(role, help=f"the {role} model service")
+        add_model_server_arguments(p, role)
+        p.set_defaults(func=_serve(role))
+    from services.orchestrator.settings import add_arguments as add_orchestrator_arguments
+
+    p = roles.add_parser("orchestrator", help="the public Generate API and the DSI scheduler")
+    add_orchestrator_arguments(p)
+    p.set_defaults(func=_serve("orchestrator"))
+
+    health = sub.add_parser("health", help="check a server's gRPC health (exit 0 when SERVING)")
+    health.add_argument("address", help="HOST:PORT")
+    add_flag(health, "--service", env="DSI_HEALTH_SERVICE", default="", help="service name ('' = the server)")
+    add_flag(health, "--timeout-s", env="DSI_HEALTH_TIMEOUT_S", type=float, default=3.0, help="deadline")
+    health.set_defaults(func=_health)
+
+    info = sub.add_parser("info", help="describe a running cluster (models, targets, limits)")
+    add_flag(info, "--address", env="DSI_ADDRESS", default="127.0.0.1:50051", help="orchestrator HOST:PORT")
+    add_flag(info, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=10.0, help="deadline")
+    info.set_defaults(func=_info)
+
+    from dsi.sim.cli import register as register_simulate
+
+    register_simulate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The DSI services: target, drafter, orchestrator, and the model and server code they share."""

@@ -1,0 +1,1 @@
+"""The drafter service: loads a small LM and streams draft tokens (``Draft``)."""

@@ -1,0 +1,37 @@
+"""Entry point of the drafter service (``dsi serve drafter``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dsi.v1 import drafter_pb2, drafter_pb2_grpc
+from services.drafter.engine import DrafterEngine
+from services.drafter.servicer import DrafterServicer
+from services.model.runner import ModelRunner
+from services.runtime.model_server import serve_model_service
+from services.runtime.serving import configure_logging, run_async
+from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
+
+SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
+
+
+async def serve(settings: ModelServerSettings) -> None:
+    servicer = DrafterServicer(None, settings.max_sequence_tokens, settings.max_drafts)
+
+    def loaded(runner: ModelRunner) -> None:
+        servicer.engine = DrafterEngine(runner, settings.oracle_acceptance)
+
+    await serve_model_service(
+        settings, SERVICE_NAME, lambda s: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, s), loaded
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_server_arguments(parser, "drafter")
+
+
+def main(ns: argparse.Namespace) -> int:
+    settings = model_server_settings(ns, "drafter")
+    configure_logging(settings.log_level)
+    run_async(lambda: serve(settings))
+    return 0

@@ -1,0 +1,102 @@
+"""Loading a HuggingFace causal LM (any local checkpoint directory, or a hub id where a network
+exists) onto a device, and describing it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says why and what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int
+    vocab_fingerprint: str
+    eos_token_ids: list[int]
+    num_layers: int
+    instance_id: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def vocab_fingerprint(model_dir: str) -> str:
+    """sha256 of the tokenizer vocabulary next to the checkpoint ('' when there is none)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+    payload = json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), added], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _eos_ids(config: Any) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
+    """Load ``name`` with AutoModelForCausalLM in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load a causal LM from {name!r}: {exc}. Pass a local checkpoint directory "
+            "(config.json + weights), or a hub id on a machine that can reach the hub."
+        ) from exc
+    model.to(dev).eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+    return LoadedModel(
+        model=model,
+        name=name,
+        device=dev,
+        dtype=dt,
+        vocab_size=vocab,
+        vocab_fingerprint=vocab_fingerprint(name) if Path(name).is_dir() else "",
+        eos_token_ids=_eos_ids(model.config),
+        num_layers=num_layers,
+        instance_id=uuid.uuid4().hex[:12],
+    )

@@ -1,0 +1,247 @@
+"""Runs a model's forward passes on one worker thread per device, with cancellation between decoder
+layers, per-session KV caches, and optional latency emulation.
+
+Cancellation: the asyncio caller sets the job's stop flag when its call is cancelled; a forward
+pre-hook on every decoder layer checks it and raises ``ForwardCancelled``. The session cache is then
+cropped back, layer by layer, to exactly its state before the call (or dropped when a layer type
+cannot be cropped), so the next call on the session sees a consistent cache.
+
+Latency emulation pads a forward pass to at least the configured wall time by sleeping, spread over
+the layers and interruptible by the stop flag, so parallel instances on a small machine overlap as
+they would on separate devices and cancellation still lands mid-forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from services.model.loading import LoadedModel
+from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ForwardCancelled(Exception):
+    """The call was cancelled; its forward pass was stopped or never started."""
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """Minimum wall time of a forward pass: prefill (no cached tokens) and later (decode) passes."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Emulation:
+        """'PREFILL:DECODE' in milliseconds, e.g. '80:40'; '' or '0' disables."""
+        if not text or text == "0":
+            return cls()
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"expected PREFILL_MS:DECODE_MS, got {text!r}")
+        prefill, decode = (float(p) for p in parts)
+        if prefill < 0 or decode < 0:
+            raise ValueError(f"latencies must be >= 0, got {text!r}")
+        return cls(prefill / 1000.0, decode / 1000.0)
+
+
+@dataclass
+class RunnerCounters:
+    """Counters since start (mutated by the worker thread and the event loop; ints under the GIL)."""
+
+    calls: int = 0
+    cancelled: int = 0
+    cancelled_mid_forward: int = 0
+    cancelled_queued: int = 0
+    forwards_completed: int = 0
+    layers_run: int = 0
+    cache_hit_tokens: int = 0
+    computed_tokens: int = 0
+    cancelled_compute_s: float = 0.0
+
+
+@dataclass
+class Job:
+    """One unit of work on the worker thread."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    pad_s: float = 0.0
+    t0: float = 0.0
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The decoder blocks of a causal LM: the ModuleList with num_hidden_layers entries (else the longest)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    exact = [m for m in lists if len(m) == num_layers]
+    chosen = exact[0] if exact else max(lists, key=len, default=None)
+    if chosen is None:
+        raise ValueError("could not find the decoder layers of this model")
+    return list(chosen)
+
+
+class ModelRunner:
+    """Owns a loaded model, its session caches and its worker thread."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        token_budget: int = 1 << 20,
+        ttl_s: float = 600.0,
+        emulation: Emulation | None = None,
+    ) -> None:
+        from transformers import DynamicCache
+
+        self.loaded = loaded
+        self.emulation = emulation or Emulation()
+        self.counters = RunnerCounters()
+        self.sessions = SessionCache(
+            new_kv=lambda: DynamicCache(config=loaded.model.config), token_budget=token_budget, ttl_s=ttl_s
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self._job: Job | None = None
+        self._layers = find_decoder_layers(loaded.model, loaded.num_layers)
+        for index, layer in enumerate(self._layers):
+            layer.register_forward_pre_hook(self._make_hook(index))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- event-loop side -------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[[Job], T]) -> T:
+        """Run ``fn(job)`` on the worker thread; cancelling the awaiting task stops it."""
+        job = Job()
+        submitted = time.perf_counter()
+
+        def work() -> T:
+            job.queue_s = time.perf_counter() - submitted
+            return self._run_job(job, fn)
+
+        cfut: Future[T] = self._executor.submit(work)
+        afut = asyncio.wrap_future(cfut)
+        # The worker always runs the job (it returns at once if the flag is already set), so the
+        # result must be consumed even when nobody awaits it any more.
+        afut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return await asyncio.shield(afut)
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+
+    async def release(self, session_id: str) -> bool:
+        return await asyncio.wrap_future(self._executor.submit(self.sessions.drop, session_id))
+
+    # -- worker side -----------------------------------------------------------------------------
+
+    def _run_job(self, job: Job, fn: Callable[[Job], T]) -> T:
+        if job.cancel.is_set():
+            self.counters.cancelled_queued += 1
+            raise ForwardCancelled("cancelled while queued")
+        job.started = True
+        self._job = job
+        try:
+            with torch.inference_mode():
+                return fn(job)
+        except ForwardCancelled:
+            self.counters.cancelled_mid_forward += 1
+            self.counters.cancelled_compute_s += job.compute_s
+            raise
+        finally:
+            self._job = None
+
+    def _make_hook(self, index: int) -> Callable[[nn.Module, Any], None]:
+        n = len(self._layers)
+
+        def hook(module: nn.Module, args: Any) -> None:
+            job = self._job
+            if job is None:
+                return
+            if job.cancel.is_set():
+                raise ForwardCancelled(f"stopped before decoder layer {index}")
+            self.counters.layers_run += 1
+            if job.pad_s > 0:
+                wait = job.t0 + job.pad_s * index / max(n, 1) - time.perf_counter()
+                if wait > 0 and job.cancel.wait(wait):
+                    raise ForwardCancelled(f"stopped before decoder layer {index}")
+
+        return hook
+
+    def _crop(self, session: CachedSession, length: int) -> None:
+        """Crop every layer of the session's KV cache to ``length`` tokens (layers may differ after an
+        aborted forward); reset the session when a layer type cannot be cropped."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(session.kv, "layers", None)
+        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+            if length < len(session.tokens) or layers is None:
+                session.kv = self.sessions._new_kv()
+                session.tokens = []
+            return
+        for layer in layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+        del session.tokens[length:]
+
+    def forward(self, job: Job, session_id: str, token_ids: list[int], first_logit: int) -> tuple[torch.Tensor, int]:
+        """Logits predicting positions first_logit + 1 .. len(token_ids), reusing the session cache.
+
+        Returns (logits [len(token_ids) - first_logit, vocab] float32, tokens reused from the cache).
+        On return the session cache holds exactly ``token_ids``.
+        """
+        assert 0 <= first_logit < len(token_ids), (first_logit, len(token_ids))
+        session = self.sessions.get(session_id)
+        start = min(common_prefix_len(session.tokens, token_ids), first_logit)
+        self._crop(session, start)
+        if start > len(session.tokens):  # the cache could not keep the prefix (reset)
+            start = 0
+        new = token_ids[start:]
+        keep = len(token_ids) - first_logit
+        job.pad_s = self.emulation.prefill_s if start == 0 else self.emulation.decode_s
+        job.t0 = time.perf_counter()
+        try:
+            out = self.loaded.model(
+                input_ids=torch.tensor([new], dtype=torch.long, device=self.loaded.device),
+                past_key_values=session.kv,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+            rest = job.t0 + job.pad_s - time.perf_counter()
+            if rest > 0 and job.cancel.wait(rest):
+                session.tokens = list(token_ids)  # the forward itself completed: the cache is valid
+                raise ForwardCancelled("stopped during emulated latency")
+        except ForwardCancelled:
+            if len(session.tokens) != len(token_ids):
+                self._crop(session, start)
+            raise
+        except Exception:
+            self.sessions.drop(session_id)
+            raise
+        finally:
+            job.compute_s += time.perf_counter() - job.t0
+        session.tokens = list(token_ids)
+        self.sessions.enforce_budget(keep=session_id)
+        self.counters.forwards_completed += 1
+        self.counters.cache_hit_tokens += start
+        self.counters.computed_tokens += len(new)
+        logits = out.logits[0, -keep:, :].float()  # [keep, vocab]
+        return logits, start

@@ -1,0 +1,312 @@
+"""The pool of target instances: one window at a time per instance, the critical path first,
+cache affinity, health checks, and retry of failed windows on another instance."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dsi.v1 import common_pb2, target_pb2, target_pb2_grpc
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.scheduler import WindowRequest, WindowResult
+from services.runtime.errors import Unavailable
+from services.runtime.serving import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+TARGET_SERVICE = "dsi.v1.TargetService"
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,  # the server cancelled it (shutting down); our own cancels never get here
+}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class TargetInstance:
+    address: str
+    channel: grpc.aio.Channel
+    stub: target_pb2_grpc.TargetServiceStub
+    health: health_pb2_grpc.HealthStub
+    healthy: bool = False
+    busy: bool = False
+    removed: bool = False
+    busy_s: float = 0.0
+    last_error: str = ""
+    # Tokens this instance's cache holds per session (the last window it verified), most recent last.
+    sessions: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: tuple[int, int, int]
+    future: asyncio.Future[TargetInstance] = field(compare=False)
+    request: WindowRequest = field(compare=False)
+
+
+class TargetPool:
+    def __init__(
+        self,
+        addresses: list[str],
+        deadline_s: float = 60.0,
+        health_interval_s: float = 1.0,
+        max_retries: int = 2,
+        metrics: OrchestratorMetrics | None = None,
+    ) -> None:
+        self.deadline_s = deadline_s
+        self.health_interval_s = health_interval_s
+        self.max_retries = max_retries
+        self.metrics = metrics
+        self.instances: dict[str, TargetInstance] = {}
+        self._waiters: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._health_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.set_addresses(addresses)
+
+    # -- membership and health -------------------------------------------------------------------
+
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Add new endpoints (unhealthy until their first health check) and retire vanished ones."""
+        wanted = list(dict.fromkeys(addresses))
+        for address in wanted:
+            if address not in self.instances:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self.instances[address] = TargetInstance(
+                    address, channel, target_pb2_grpc.TargetServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+                )
+                log.info("target %s added", address)
+        for address in [a for a in self.instances if a not in wanted]:
+            inst = self.instances.pop(address)
+            inst.removed = True
+            inst.healthy = False
+            log.info("target %s removed", address)
+            if not inst.busy:
+                asyncio.ensure_future(inst.channel.close())
+        self._signal()
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self.instances)
+
+    def healthy_count(self) -> int:
+        return sum(1 for i in self.instances.values() if i.healthy)
+
+    def sp_limit(self) -> int:
+        return self.healthy_count()
+
+    async def start(self) -> None:
+        await self.check_health()
+        self._health_task = asyncio.ensure_future(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        for inst in self.instances.values():
+            await inst.channel.close()
+
+    async def wait_healthy(self, timeout_s: float, count: int = 1) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.healthy_count() < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await self.check_health()
+            await asyncio.sleep(min(0.2, left))
+        return True
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._check(i) for i in list(self.instances.values())))
+
+    async def _check(self, inst: TargetInstance) -> None:
+        try:
+            resp = await inst.health.Check(health_pb2.HealthCheckRequest(service=TARGET_SERVICE), timeout=2.0)
+            ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+            error = "" if ok else "not serving"
+        except grpc.aio.AioRpcError as exc:
+            ok, error = False, f"{exc.code().name}: {exc.details()}"
+        if ok != inst.healthy and not inst.removed:
+            log.info("target %s is %s%s", inst.address, "up" if ok else "down", f" ({error})" if error else "")
+            inst.healthy = ok
+            if not ok:
+                inst.last_error = error
+                inst.sessions.clear()
+            self._signal()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:  # noqa: BLE001 - keep probing whatever happens
+                log.exception("health check round failed")
+
+    def _mark_down(self, inst: TargetInstance, error: str) -> None:
+        if inst.healthy:
+            log.warning("target %s marked down: %s", inst.address, error)
+        inst.healthy = False
+        inst.last_error = error
+        inst.sessions.clear()
+        self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._hand_off()
+        if self.metrics is not None:
+            self.metrics.healthy_targets.set(self.healthy_count())
+
+    # -- acquiring an instance -------------------------------------------------------------------
+
+    def _best(self, free: list[TargetInstance], request: WindowRequest) -> TargetInstance:
+        """The free instance whose cache holds the longest prefix of the window (then the least used)."""
+        return max(
+            free,
+            key=lambda i: (common_prefix_len(i.sessions.get(request.session_id, []), request.token_ids), -i.busy_s),
+        )
+
+    def _free(self) -> list[TargetInstance]:
+        return [i for i in self.instances.values() if i.healthy and not i.busy]
+
+    def _hand_off(self) -> None:
+        while self._waiters:
+            free = self._free()
+            if not free:
+                return
+            waiter = heapq.heappop(self._waiters)
+            if waiter.future.done():
+                continue
+            inst = self._best(free, waiter.request)
+            inst.busy = True
+            waiter.future.set_result(inst)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiters))
+
+    async def _acquire(self, request: WindowRequest) -> TargetInstance:
+        grace = time.monotonic() + max(2.0, 3 * self.health_interval_s)
+        while self.healthy_count() == 0:
+            if time.monotonic() > grace:
+                raise Unavailable(self.unavailable_message())
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=self.health_interval_s)
+            except asyncio.TimeoutError:
+                await self.check_health()
+        free = self._free()
+        if free and not self._waiters:
+            inst = self._best(free, request)
+            inst.busy = True
+            return inst
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((request.rank, request.request_seq, next(self._seq)), loop.create_future(), request)
+        heapq.heappush(self._waiters, waiter)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiters))
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release(waiter.future.result())
+            raise
+
+    def _release(self, inst: TargetInstance) -> None:
+        inst.busy = False
+        if inst.removed:
+            asyncio.ensure_future(inst.channel.close())
+        self._hand_off()
+
+    def unavailable_message(self) -> str:
+        tried = ", ".join(
+            f"{i.address} ({i.last_error or 'not healthy'})" for i in self.instances.values()
+        ) or "none configured"
+        return f"no target instance reachable; endpoints tried: {tried}"
+
+    # -- verifying a window ----------------------------------------------------------------------
+
+    async def verify(
+        self, window: WindowRequest, sampling: common_pb2.SamplingParams, request_id: str
+    ) -> WindowResult:
+        request = target_pb2.VerifyRequest(
+            request_id=request_id,
+            session_id=window.session_id,
+            token_ids=window.token_ids,
+            first_position=window.first_position,
+            sampling=sampling,
+        )
+        for ids, probs in window.draft_probs or []:
+            request.draft_probs.add(token_ids=ids, probs=probs)
+        retries = 0
+        while True:
+            inst = await self._acquire(window)
+            started = time.perf_counter()
+            call = inst.stub.Verify(request, timeout=self.deadline_s)
+            try:
+                response = await call
+            except asyncio.CancelledError:
+                call.cancel()  # a real cancel: the target stops its forward pass
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
+                retries += 1
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
+                if retries > self.max_retries:
+                    raise Unavailable(f"window failed {retries} times; {self.unavailable_message()}") from exc
+                log.warning("request %s: retrying window on another target (%s)", request_id, exc.code().name)
+                continue
+            finally:
+                elapsed = time.perf_counter() - started
+                inst.busy_s += elapsed
+                if self.metrics is not None:
+                    self.metrics.target_busy.labels(inst.address).inc(elapsed)
+                self._release(inst)
+            inst.sessions[window.session_id] = list(window.token_ids)
+            inst.sessions.move_to_end(window.session_id)
+            while len(inst.sessions) > 1024:
+                inst.sessions.popitem(last=False)
+            return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)
+
+    async def release_session(self, session_id: str) -> None:
+        holders = [i for i in self.instances.values() if i.sessions.pop(session_id, None) is not None]
+        await asyncio.gather(
+            *(i.stub.Release(target_pb2.TargetReleaseRequest(session_id=session_id), timeout=5.0) for i in holders),
+            return_exceptions=True,
+        )
+
+
+class PoolTargetClient:
+    """The scheduler's TargetClient for one request."""
+
+    def __init__(self, pool: TargetPool, sampling: common_pb2.SamplingParams, request_id: str) -> None:
+        self.pool = pool
+        self.sampling = sampling
+        self.request_id = request_id
+
+    def sp_limit(self) -> int:
+        return self.pool.sp_limit()
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        return await self.pool.verify(window, self.sampling, self.request_id)

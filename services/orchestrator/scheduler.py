@@ -1,0 +1,471 @@
+"""The DSI scheduler (ARCHITECTURE.md section 3) and the SI and non-SI baselines.
+
+Pure asyncio: no torch, no grpc. It talks to a ``TargetClient`` (verifies windows, possibly on
+several target instances at once) and a ``DrafterClient`` (streams drafts), so unit tests run it
+against in-memory fakes on a virtual clock.
+
+Terms: the *committed* sequence (prompt + tokens decided so far); *drafts* D[0], D[1], ... proposed
+after the committed prefix of the current *epoch*; a *window* verifies drafts D[s:e) and returns
+the target's token at positions base+s .. base+e (the last one is the *bonus* position); the
+*lookahead* L is the number of drafts per window; the *SP degree* is how many windows may be in
+flight at once.
+
+DSI, one epoch (everything launched from one committed prefix, at position ``base``):
+  1. dispatch window 0 (no drafts: the target's next token, i.e. the non-SI step) and open the
+     drafter stream, at once;
+  2. every L new drafts, while fewer than SP windows are in flight, dispatch a window over them;
+     if no window is computing the first undecided position (the critical path is idle), dispatch
+     one at once over the drafts there are; the drafter runs at most (SP + 1) x L drafts ahead;
+  3. apply results strictly in window order; per position: the target's token equals the draft ->
+     commit the draft; else commit the target's token, cancel every in-flight window and the drafter
+     stream, and start a new epoch (a *rejection*). At the bonus position with no draft yet, commit
+     the target's token and start a new epoch from there (a *resync*).
+Every position is decided exactly once, by the target's choice given the committed prefix, so the
+output is the target's (lossless); drafts only decide what is computed ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+# -- the contract with the transport ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A draft token; ``probs`` is the drafter's distribution (rejection sampling only)."""
+
+    token_id: int
+    probs: tuple[list[int], list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class WindowRequest:
+    """Verify drafts token_ids[first_position:] given token_ids[:first_position]."""
+
+    session_id: str
+    token_ids: list[int]
+    first_position: int
+    # 0 = the window on the request's critical path; speculative windows have higher ranks.
+    rank: int
+    # Arrival order of the request: among equal ranks, older requests go first.
+    request_seq: int
+    draft_probs: list[tuple[list[int], list[float]]] | None = None
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """The target's token at positions first_position .. len(token_ids), and who computed them."""
+
+    token_ids: list[int]
+    target: str
+    compute_s: float
+    retries: int = 0
+
+
+class TargetClient(Protocol):
+    def sp_limit(self) -> int:
+        """How many windows may run at once (healthy target instances)."""
+        ...
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        """Verify one window. Cancelling the awaiting task must cancel the remote work."""
+        ...
+
+
+class DraftStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[Draft]: ...
+
+    def cancel(self) -> None:
+        """Stop the stream (a real cancel of the remote call)."""
+        ...
+
+
+class DrafterClient(Protocol):
+    def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> DraftStream:
+        """Start streaming up to max_tokens drafts continuing prefix."""
+        ...
+
+
+# -- requests, commits and stats ----------------------------------------------------------------
+
+
+class Source(enum.Enum):
+    DRAFT = "draft"  # a draft the target accepted
+    TARGET = "target"  # the target's own token
+
+
+@dataclass(frozen=True)
+class CommittedToken:
+    token_id: int
+    position: int
+    source: Source
+    target: str
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    mode: str  # "dsi", "si" or "nonsi"
+    lookahead: int = 5
+    sp_degree: int = 0  # 0 = as many as the target client allows
+    max_new_tokens: int = 64
+    rejection: bool = False  # drafter ships its distributions with each draft
+
+
+@dataclass
+class RequestStats:
+    mode: str = ""
+    windows_dispatched: int = 0
+    windows_applied: int = 0
+    windows_cancelled: int = 0
+    drafts_proposed: int = 0
+    drafts_verified: int = 0
+    drafts_accepted: int = 0
+    epochs: int = 0
+    max_windows_in_flight: int = 0
+    wasted_target_s: float = 0.0
+    retries: int = 0
+    drafter_failed: bool = False
+    tokens_from_drafts: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    wall_s: float = 0.0
+    sp_degree: int = 0
+    lookahead: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.drafts_accepted / self.drafts_verified if self.drafts_verified else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# on_commit(token) -> True to stop generating (EOS, stop string); called once per committed token.
+CommitCallback = Callable[[CommittedToken], bool]
+
+
+class _EpochEnd(enum.Enum):
+    REJECT = "reject"
+    RESYNC = "resync"
+    DONE = "done"
+
+
+@dataclass
+class _Window:
+    start: int  # first draft index (relative to the epoch base)
+    end: int  # one past the last draft index; the bonus position is base + end
+    task: asyncio.Task[WindowResult]
+    dispatched_at: float
+    result: WindowResult | None = None
+
+
+@dataclass
+class _Epoch:
+    base: int
+    drafts: list[Draft] = field(default_factory=list)
+    windows: list[_Window] = field(default_factory=list)
+    applied: int = 0  # windows applied, in order
+    decided: int = 0  # positions decided in this epoch (the committed sequence is base + decided long)
+    stream: DraftStream | None = None
+    reader: asyncio.Task[None] | None = None
+    drafter_done: bool = False  # the current stream ended (cap reached)
+    # Draft arrivals, drafter stream ends and window completions of this epoch, in arrival order.
+    events: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
+
+    @property
+    def dispatched_end(self) -> int:
+        return self.windows[-1].end if self.windows else 0
+
+    def in_flight(self) -> list[_Window]:
+        return [w for w in self.windows[self.applied :] if not w.task.done()]
+
+
+class Scheduler:
+    """Runs one request in one of the three modes; streams commits through ``on_commit``."""
+
+    def __init__(
+        self,
+        target: TargetClient,
+        drafter: DrafterClient | None,
+        config: SchedulerConfig,
+        session_id: str,
+        request_seq: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.cfg = config
+        self.session_id = session_id
+        self.request_seq = request_seq
+        self.clock = clock
+        self.stats = RequestStats(mode=config.mode, lookahead=config.lookahead)
+        self.seq: list[int] = []
+        self.generated: list[CommittedToken] = []
+        self._on_commit: CommitCallback = lambda t: False
+        self._stopped = False
+        self._t0 = 0.0
+
+    # -- public ----------------------------------------------------------------------------------
+
+    async def run(self, prompt: list[int], on_commit: CommitCallback) -> RequestStats:
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        self.seq = list(prompt)
+        self._on_commit = on_commit
+        self._t0 = self.clock()
+        self.stats.sp_degree = self._sp()
+        try:
+            if self.cfg.mode == "nonsi" or (self.drafter is None and self.cfg.mode == "si"):
+                await self._run_nonsi()
+            elif self.cfg.mode == "si":
+                await self._run_si()
+            elif self.cfg.mode == "dsi":
+                while not self._done():
+                    await self._run_epoch()
+            else:
+                raise ValueError(f"unknown mode {self.cfg.mode!r}")
+        finally:
+            self.stats.wall_s = self.clock() - self._t0
+        return self.stats
+
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    def _sp(self) -> int:
+        limit = max(1, self.target.sp_limit())
+        return min(limit, self.cfg.sp_degree) if self.cfg.sp_degree > 0 else limit
+
+    def _remaining(self) -> int:
+        return self.cfg.max_new_tokens - len(self.generated)
+
+    def _done(self) -> bool:
+        return self._stopped or self._remaining() <= 0
+
+    def _commit(self, token_id: int, source: Source, target: str) -> None:
+        token = CommittedToken(token_id, len(self.seq), source, target)
+        self.seq.append(token_id)
+        self.generated.append(token)
+        self.stats.new_tokens += 1
+        if source is Source.DRAFT:
+            self.stats.tokens_from_drafts += 1
+        if len(self.generated) == 1:
+            self.stats.ttft_s = self.clock() - self._t0
+        if self._on_commit(token):
+            self._stopped = True
+
+    def _apply(self, base: int, drafts: list[Draft], decided: int, start: int, result: WindowResult) -> tuple[int, _EpochEnd | None]:
+        """Apply a window's result (drafts[start:end], bonus at end) in position order.
+
+        Returns the new number of decided positions and how the epoch ends (None: it goes on).
+        """
+        end = start + len(result.token_ids) - 1
+        for i in range(start, end + 1):
+            if i < decided:
+                continue  # decided by an earlier window's bonus position
+            tok = result.token_ids[i - start]
+            if i < len(drafts):
+                self.stats.drafts_verified += 1
+                if drafts[i].token_id == tok:
+                    self.stats.drafts_accepted += 1
+                    self._commit(tok, Source.DRAFT, result.target)
+                    decided = i + 1
+                    if self._done():
+                        return decided, _EpochEnd.DONE
+                    continue
+                self._commit(tok, Source.TARGET, result.target)
+                return i + 1, (_EpochEnd.DONE if self._done() else _EpochEnd.REJECT)
+            # The bonus position with no draft yet: the target's token stands.
+            self._commit(tok, Source.TARGET, result.target)
+            return i + 1, (_EpochEnd.DONE if self._done() else _EpochEnd.RESYNC)
+        return decided, (_EpochEnd.DONE if self._done() else None)
+
+    def _window_request(self, base: int, drafts: list[Draft], start: int, end: int, rank: int) -> WindowRequest:
+        probs = None
+        if self.cfg.rejection:
+            probs = [d.probs or ([], []) for d in drafts[start:end]]
+        return WindowRequest(
+            session_id=self.session_id,
+            token_ids=self.seq[:base] + [d.token_id for d in drafts[:end]],
+            first_position=base + start,
+            rank=rank,
+            request_seq=self.request_seq,
+            draft_probs=probs,
+        )
+
+    # -- non-SI and SI baselines ----------------------------------------------------------------
+
+    async def _run_nonsi(self) -> None:
+        while not self._done():
+            base = len(self.seq)
+            self.stats.epochs += 1
+            self.stats.windows_dispatched += 1
+            self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, 1)
+            result = await self.target.verify(self._window_request(base, [], 0, 0, 0))
+            self.stats.retries += result.retries
+            self.stats.windows_applied += 1
+            self._apply(base, [], 0, 0, result)
+
+    async def _collect_drafts(self, base: int, count: int) -> list[Draft]:
+        assert self.drafter is not None
+        stream = self.drafter.open(self.session_id, list(self.seq), count, self.cfg.rejection)
+        drafts: list[Draft] = []
+        try:
+            async for d in stream:
+                drafts.append(d)
+                if len(drafts) >= count:
+                    break
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the drafter may die; continue target-only
+            log.warning("session %s: drafter failed (%s); continuing target-only", self.session_id, exc)
+            self.stats.drafter_failed = True
+            self.drafter = None
+        finally:
+            stream.cancel()
+        self.stats.drafts_proposed += len(drafts)
+        return drafts
+
+    async def _run_si(self) -> None:
+        while not self._done():
+            base = len(self.seq)
+            self.stats.epochs += 1
+            count = min(self.cfg.lookahead, self._remaining())
+            drafts = await self._collect_drafts(base, count) if self.drafter is not None else []
+            self.stats.windows_dispatched += 1
+            self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, 1)
+            result = await self.target.verify(self._window_request(base, drafts, 0, len(drafts), 0))
+            self.stats.retries += result.retries
+            self.stats.windows_applied += 1
+            self._apply(base, drafts, 0, 0, result)
+
+    # -- DSI --------------------------------------------------------------------------------------
+
+    async def _run_epoch(self) -> None:
+        ep = _Epoch(base=len(self.seq))
+        self.stats.epochs += 1
+        sp = self._sp()
+        self.stats.sp_degree = max(self.stats.sp_degree, sp)
+        try:
+            self._dispatch(ep, 0, 0)  # window 0: the non-SI step, at once
+            self._open_drafter(ep, sp)
+            while True:
+                kind, payload = await ep.events.get()
+                if kind == "draft_end":
+                    if payload is ep.stream:
+                        ep.drafter_done = True
+                        ep.stream = None
+                        self._open_drafter(ep, sp)
+                    continue
+                elif kind == "window":
+                    window = payload
+                    assert isinstance(window, _Window)
+                    exc = window.task.exception()
+                    if exc is not None:
+                        raise exc
+                    window.result = window.task.result()
+                    self.stats.retries += window.result.retries
+                    end = self._apply_ready(ep)
+                    if end is not None:
+                        return
+                sp = self._sp()
+                self._dispatch_ready(ep, sp)
+                self._open_drafter(ep, sp)
+        finally:
+            await self._close_epoch(ep)
+
+    def _apply_ready(self, ep: _Epoch) -> _EpochEnd | None:
+        while ep.applied < len(ep.windows) and ep.windows[ep.applied].result is not None:
+            window = ep.windows[ep.applied]
+            assert window.result is not None
+            ep.applied += 1
+            self.stats.windows_applied += 1
+            ep.decided, end = self._apply(ep.base, ep.drafts, ep.decided, window.start, window.result)
+            if end is not None:
+                return end
+        return None
+
+    def _dispatch(self, ep: _Epoch, start: int, end: int) -> None:
+        rank = len(ep.windows) - ep.applied
+        request = self._window_request(ep.base, ep.drafts, start, end, rank)
+        task = asyncio.ensure_future(self.target.verify(request))
+        window = _Window(start, end, task, self.clock())
+        task.add_done_callback(lambda _t, w=window: ep.events.put_nowait(("window", w)))
+        ep.windows.append(window)
+        self.stats.windows_dispatched += 1
+        self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, len(ep.in_flight()))
+
+    def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
+        budget = self._remaining() + ep.decided  # drafts beyond this position are never needed
+        while len(ep.in_flight()) < sp:
+            start = ep.dispatched_end
+            available = min(len(ep.drafts), budget) - start
+            critical_idle = ep.applied == len(ep.windows)
+            if available >= self.cfg.lookahead:
+                self._dispatch(ep, start, start + self.cfg.lookahead)
+            elif critical_idle and available > 0:
+                self._dispatch(ep, start, start + available)
+            else:
+                return
+
+    def _open_drafter(self, ep: _Epoch, sp: int) -> None:
+        """Keep a drafter stream open while it is less than (SP + 1) x L drafts ahead: enough for every
+        window that may be in flight plus the next one (with SP x L, a single target would starve it)."""
+        if self.drafter is None or ep.stream is not None or self._done():
+            return
+        ahead = len(ep.drafts) - ep.decided
+        room = min((sp + 1) * self.cfg.lookahead - ahead, self._remaining() + ep.decided - len(ep.drafts))
+        if room <= 0:
+            return
+        prefix = self.seq[: ep.base] + [d.token_id for d in ep.drafts]
+        stream = self.drafter.open(self.session_id, prefix, room, self.cfg.rejection)
+        ep.stream = stream
+        ep.drafter_done = False
+        ep.reader = asyncio.ensure_future(self._read_drafts(ep, stream))
+
+    async def _read_drafts(self, ep: _Epoch, stream: DraftStream) -> None:
+        try:
+            async for d in stream:
+                ep.drafts.append(d)
+                self.stats.drafts_proposed += 1
+                ep.events.put_nowait(("draft", d))
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the drafter may die; continue target-only
+            log.warning("session %s: drafter failed (%s); continuing target-only", self.session_id, exc)
+            self.stats.drafter_failed = True
+            self.drafter = None
+        ep.events.put_nowait(("draft_end", stream))
+
+    async def _close_epoch(self, ep: _Epoch) -> None:
+        """Cancel everything still running for this epoch (real cancels) and account for waste."""
+        if ep.stream is not None:
+            ep.stream.cancel()
+        if ep.reader is not None and not ep.reader.done():
+            ep.reader.cancel()
+        now = self.clock()
+        pending = []
+        for w in ep.windows[ep.applied :]:
+            if not w.task.done():
+                w.task.cancel()
+                pending.append(w.task)
+                self.stats.windows_cancelled += 1
+                self.stats.wasted_target_s += now - w.dispatched_at
+            elif not w.task.cancelled() and w.task.exception() is None:
+                self.stats.wasted_target_s += w.task.result().compute_s  # computed, never applied
+        for task in pending:
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - cancelled windows end in CancelledError
+                pass

@@ -1,0 +1,89 @@
+"""Typed settings of the orchestrator, from CLI flags with DSI_ORCHESTRATOR_* environment fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from dsi.envflags import add_flag
+from services.runtime.serving import ServerOptions
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    server: ServerOptions
+    targets: tuple[str, ...]
+    drafter: str
+    tokenizer: str
+    max_new_tokens: int
+    max_prompt_tokens: int
+    default_lookahead: int
+    max_lookahead: int
+    deadline_s: float
+    health_interval_s: float
+    startup_timeout_s: float
+    resolve_interval_s: float
+    log_level: str
+
+
+def _split(values: list[str] | str | None) -> tuple[str, ...]:
+    if not values:
+        return ()
+    items = values if isinstance(values, list) else [values]
+    return tuple(a.strip() for v in items for a in v.split(",") if a.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = "DSI_ORCHESTRATOR"
+    add_flag(parser, "--targets", env=f"{env}_TARGETS", default="",
+             help="target endpoints, comma-separated host:port; 'dns:///NAME:PORT' uses every address NAME "
+                  "resolves to, re-resolved periodically (docker compose --scale, Kubernetes headless Service)")
+    add_flag(parser, "--drafter", env=f"{env}_DRAFTER", default="",
+             help="drafter endpoint host:port (empty: target-only, every mode runs as non-SI)")
+    add_flag(parser, "--tokenizer", env=f"{env}_TOKENIZER", default="",
+             help="tokenizer directory or hub id (default: the checkpoint the targets report)")
+    add_flag(parser, "--host", env=f"{env}_HOST", default="127.0.0.1", help="address to bind")
+    add_flag(parser, "--port", env=f"{env}_PORT", type=int, default=50051, help="port to bind (0 = any free)")
+    add_flag(parser, "--max-new-tokens", env=f"{env}_MAX_NEW_TOKENS", type=int, default=2048,
+             help="largest max_new_tokens a request may ask for")
+    add_flag(parser, "--max-prompt-tokens", env=f"{env}_MAX_PROMPT_TOKENS", type=int, default=4096,
+             help="longest prompt accepted, in tokens")
+    add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=int, default=5,
+             help="drafts per verification window when the request does not say")
+    add_flag(parser, "--max-lookahead", env=f"{env}_MAX_LOOKAHEAD", type=int, default=64,
+             help="largest lookahead a request may ask for")
+    add_flag(parser, "--deadline-s", env=f"{env}_DEADLINE_S", type=float, default=60.0,
+             help="deadline of every call to a target or the drafter")
+    add_flag(parser, "--health-interval-s", env=f"{env}_HEALTH_INTERVAL_S", type=float, default=1.0,
+             help="seconds between health checks of the targets")
+    add_flag(parser, "--startup-timeout-s", env=f"{env}_STARTUP_TIMEOUT_S", type=float, default=300.0,
+             help="how long to wait for the targets and the drafter at start-up")
+    add_flag(parser, "--resolve-interval-s", env=f"{env}_RESOLVE_INTERVAL_S", type=float, default=10.0,
+             help="seconds between DNS re-resolutions of dns:/// target names")
+    add_flag(parser, "--max-concurrent-rpcs", env=f"{env}_MAX_CONCURRENT_RPCS", type=int, default=256,
+             help="Generate calls accepted at once")
+    add_flag(parser, "--metrics-port", env=f"{env}_METRICS_PORT", type=int, default=0,
+             help="serve Prometheus metrics on this port (0 = off)")
+    add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
+
+
+def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
+    targets = _split(ns.targets)
+    if not targets:
+        raise SystemExit("--targets is required (or DSI_ORCHESTRATOR_TARGETS): at least one target host:port")
+    return OrchestratorSettings(
+        server=ServerOptions(host=ns.host, port=ns.port, max_concurrent_rpcs=ns.max_concurrent_rpcs,
+                             metrics_port=ns.metrics_port),
+        targets=targets,
+        drafter=ns.drafter,
+        tokenizer=ns.tokenizer,
+        max_new_tokens=ns.max_new_tokens,
+        max_prompt_tokens=ns.max_prompt_tokens,
+        default_lookahead=ns.lookahead,
+        max_lookahead=ns.max_lookahead,
+        deadline_s=ns.deadline_s,
+        health_interval_s=ns.health_interval_s,
+        startup_timeout_s=ns.startup_timeout_s,
+        resolve_interval_s=ns.resolve_interval_s,
+        log_level=ns.log_level,
+    )

@@ -1,0 +1,103 @@
+"""The one place where domain errors become gRPC status codes.
+
+Servicers raise (or let through) these exceptions; ``grpc_errors`` turns them into ``context.abort``
+with the right code, so bad input is never reported as UNKNOWN or INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code and a message meant for the caller."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """Bad input; the message starts with the offending field's name."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"device out of memory: {exc}"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream call failed: pass its status through with context.
+        return exc.code(), f"downstream call failed: {exc.details()}"
+    return None
+
+
+def _request_id(request: Any) -> str:
+    return str(getattr(request, "request_id", "") or "-")
+
+
+def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for servicer methods (unary or server-streaming) that maps exceptions to statuses."""
+    name = handler.__qualname__
+
+    async def _abort(context: grpc.aio.ServicerContext, request: Any, exc: Exception) -> None:
+        mapped = _status_for(exc)
+        if mapped is None:
+            log.exception("request %s: unexpected error in %s", _request_id(request), name)
+            mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        elif mapped[0] not in (grpc.StatusCode.INVALID_ARGUMENT,):
+            log.warning("request %s: %s failed: %s", _request_id(request), name, mapped[1])
+        await context.abort(mapped[0], mapped[1])
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, request, exc)
+
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, request, exc)
+
+    return unary

@@ -1,0 +1,104 @@
+"""Start-up and shutdown of a model service (target or drafter): bind, report NOT_SERVING, load and
+warm up the model off the event loop, report SERVING, serve until SIGTERM, then free the model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from dsi.v1 import common_pb2
+from services.model.loading import LoadedModel, load_causal_lm
+from services.model.runner import ModelRunner
+from services.model.sampling import Sampling
+from services.runtime.errors import Unavailable
+from services.runtime.serving import GrpcServer
+from services.runtime.settings import ModelServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def model_info_pb(loaded: LoadedModel) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(
+        model=loaded.name,
+        vocab_size=loaded.vocab_size,
+        vocab_fingerprint=loaded.vocab_fingerprint,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        num_layers=loaded.num_layers,
+        eos_token_ids=loaded.eos_token_ids,
+        instance_id=loaded.instance_id,
+    )
+
+
+def counters_pb(runner: ModelRunner) -> common_pb2.ServiceCounters:
+    c = runner.counters
+    return common_pb2.ServiceCounters(
+        calls=c.calls,
+        cancelled=c.cancelled,
+        cancelled_mid_forward=c.cancelled_mid_forward,
+        cancelled_queued=c.cancelled_queued,
+        forwards_completed=c.forwards_completed,
+        layers_run=c.layers_run,
+        cache_hit_tokens=c.cache_hit_tokens,
+        computed_tokens=c.computed_tokens,
+        sessions=len(runner.sessions),
+        sessions_dropped=runner.sessions.dropped,
+        cancelled_compute_s=c.cancelled_compute_s,
+    )
+
+
+def resolve_model_path(settings: ModelServerSettings) -> str:
+    if settings.model:
+        return settings.model
+    from dsi.default_pair import ensure_default_pair
+
+    pair = ensure_default_pair()
+    if settings.role == "drafter" and settings.oracle_acceptance <= 0:
+        return str(pair.drafter)
+    return str(pair.target)
+
+
+async def serve_model_service(
+    settings: ModelServerSettings,
+    service_name: str,
+    add_servicer: Callable[[grpc.aio.Server], Any],
+    on_loaded: Callable[[ModelRunner], Any],
+) -> None:
+    """Run one model service until SIGTERM.
+
+    ``add_servicer`` registers the servicer before the server starts (calls made before the model is
+    loaded get UNAVAILABLE); ``on_loaded`` hands it the runner once the model is loaded.
+    """
+    server = GrpcServer(settings.server, [service_name], settings.role)
+    add_servicer(server.server)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    model_path = resolve_model_path(settings)
+    log.info("loading %s model %s on %s", settings.role, model_path, settings.device)
+    loaded = await loop.run_in_executor(
+        None, lambda: load_causal_lm(model_path, settings.device, settings.dtype, settings.threads)
+    )
+    runner = ModelRunner(loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation)
+    # Warm up (first forward allocates and compiles kernels) before reporting SERVING.
+    await runner.run(lambda job: runner.forward(job, "__warmup__", [0, 0], 1))
+    await runner.run(lambda job: Sampling())  # flush the queue
+    await runner.release("__warmup__")
+    runner.counters.forwards_completed = 0
+    runner.counters.computed_tokens = 0
+    runner.counters.layers_run = 0
+    runner.sessions.dropped = 0
+    on_loaded(runner)
+    await server.set_serving()
+    try:
+        await server.wait_and_stop()
+    finally:
+        runner.close()
+        del loaded
+
+
+def not_loaded(role: str) -> Unavailable:
+    return Unavailable(f"the {role} model is still loading; retry when health reports SERVING")

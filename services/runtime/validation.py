@@ -1,0 +1,186 @@
+"""Validation of every request at the edge of every service; failures raise InvalidArgument naming
+the field, which the servicers' error mapping turns into INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dsi.v1 import common_pb2, orchestrator_pb2
+from services.model.sampling import Sampling
+from services.runtime.errors import InvalidArgument
+
+MODES = {
+    orchestrator_pb2.MODE_UNSPECIFIED: "dsi",
+    orchestrator_pb2.MODE_DSI: "dsi",
+    orchestrator_pb2.MODE_SI: "si",
+    orchestrator_pb2.MODE_NONSI: "nonsi",
+}
+VERIFICATIONS = (
+    common_pb2.VERIFICATION_UNSPECIFIED,
+    common_pb2.VERIFICATION_COUPLED,
+    common_pb2.VERIFICATION_REJECTION,
+)
+
+
+def check_token_ids(field: str, ids: Sequence[int], vocab_size: int, *, allow_empty: bool = False) -> None:
+    if not ids and not allow_empty:
+        raise InvalidArgument(field, "must not be empty")
+    bad = [t for t in ids if t < 0 or t >= vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"token ids must be in [0, {vocab_size}); got {bad[:5]}")
+
+
+def sampling_from_fields(
+    temperature: float, top_k: int, top_p: float | None, seed: int, verification: int, prefix: str = ""
+) -> Sampling:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"{prefix}temperature", f"must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise InvalidArgument(f"{prefix}top_k", f"must be >= 0 (0 disables it), got {top_k}")
+    p = 1.0 if top_p is None else float(top_p)
+    if not (0.0 < p <= 1.0) or math.isnan(p):
+        raise InvalidArgument(f"{prefix}top_p", f"must be in (0, 1], got {p}")
+    if verification not in VERIFICATIONS:
+        raise InvalidArgument(f"{prefix}verification", f"unknown value {verification}")
+    return Sampling(
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=p,
+        seed=int(seed),
+        rejection=verification == common_pb2.VERIFICATION_REJECTION and temperature > 0,
+    )
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams) -> Sampling:
+    top_p = msg.top_p if msg.HasField("top_p") else None
+    return sampling_from_fields(msg.temperature, msg.top_k, top_p, msg.seed, msg.verification, "sampling.")
+
+
+def sampling_to_pb(s: Sampling) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=s.seed,
+        verification=common_pb2.VERIFICATION_REJECTION if s.rejection else common_pb2.VERIFICATION_COUPLED,
+    )
+
+
+def check_session(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session_id", "must not be empty")
+    if len(session_id) > 256:
+        raise InvalidArgument("session_id", "must be at most 256 characters")
+
+
+def validate_verify(request: Any, vocab_size: int, max_tokens: int) -> Sampling:
+    check_session(request.session_id)
+    ids = list(request.token_ids)
+    check_token_ids("token_ids", ids, vocab_size)
+    if len(ids) > max_tokens:
+        raise InvalidArgument("token_ids", f"at most {max_tokens} tokens, got {len(ids)}")
+    if not 1 <= request.first_position <= len(ids):
+        raise InvalidArgument("first_position", f"must be in [1, {len(ids)}], got {request.first_position}")
+    sampling = sampling_from_pb(request.sampling)
+    if sampling.rejection and len(request.draft_probs) != len(ids) - request.first_position:
+        raise InvalidArgument(
+            "draft_probs",
+            f"rejection sampling needs one distribution per draft ({len(ids) - request.first_position}), "
+            f"got {len(request.draft_probs)}",
+        )
+    for i, dist in enumerate(request.draft_probs):
+        if len(dist.token_ids) != len(dist.probs):
+            raise InvalidArgument(f"draft_probs[{i}]", "token_ids and probs differ in length")
+        check_token_ids(f"draft_probs[{i}].token_ids", list(dist.token_ids), vocab_size, allow_empty=True)
+    return sampling
+
+
+def validate_draft(request: Any, vocab_size: int, max_tokens: int, max_drafts: int) -> Sampling:
+    check_session(request.session_id)
+    ids = list(request.token_ids)
+    check_token_ids("token_ids", ids, vocab_size)
+    if len(ids) > max_tokens:
+        raise InvalidArgument("token_ids", f"at most {max_tokens} tokens, got {len(ids)}")
+    if not 1 <= request.max_tokens <= max_drafts:
+        raise InvalidArgument("max_tokens", f"must be in [1, {max_drafts}], got {request.max_tokens}")
+    return sampling_from_pb(request.sampling)
+
+
+@dataclass(frozen=True)
+class GenerateLimits:
+    vocab_size: int
+    max_new_tokens: int
+    max_prompt_tokens: int
+    max_lookahead: int
+    default_lookahead: int
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A validated Generate request."""
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int] | None
+    max_new_tokens: int
+    mode: str
+    lookahead: int
+    sp_degree: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+
+def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: GenerateLimits) -> GenerateParams:
+    if request.prompt and request.prompt_token_ids:
+        raise InvalidArgument("prompt", "set either prompt or prompt_token_ids, not both")
+    if not request.prompt and not request.prompt_token_ids:
+        raise InvalidArgument("prompt", "must not be empty")
+    ids = list(request.prompt_token_ids) or None
+    if ids is not None:
+        check_token_ids("prompt_token_ids", ids, limits.vocab_size)
+        if len(ids) > limits.max_prompt_tokens:
+            raise InvalidArgument(
+                "prompt_token_ids", f"at most {limits.max_prompt_tokens} tokens, got {len(ids)}"
+            )
+    if not 1 <= request.max_new_tokens <= limits.max_new_tokens:
+        raise InvalidArgument(
+            "max_new_tokens", f"must be in [1, {limits.max_new_tokens}], got {request.max_new_tokens}"
+        )
+    if request.mode not in MODES:
+        raise InvalidArgument("mode", f"unknown mode {request.mode}; expected dsi, si or nonsi")
+    if not 0 <= request.lookahead <= limits.max_lookahead:
+        raise InvalidArgument(
+            "lookahead", f"must be in [1, {limits.max_lookahead}] (0 = default), got {request.lookahead}"
+        )
+    if request.sp_degree < 0:
+        raise InvalidArgument("sp_degree", f"must be >= 0 (0 = all healthy targets), got {request.sp_degree}")
+    seed = request.seed if request.HasField("seed") else random.getrandbits(63)
+    top_p = request.top_p if request.HasField("top_p") else None
+    sampling = sampling_from_fields(request.temperature, request.top_k, top_p, seed, request.verification)
+    for i, s in enumerate(request.stop):
+        if not s:
+            raise InvalidArgument(f"stop[{i}]", "stop strings must not be empty")
+    return GenerateParams(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=ids,
+        max_new_tokens=request.max_new_tokens,
+        mode=MODES[request.mode],
+        lookahead=request.lookahead or limits.default_lookahead,
+        sp_degree=request.sp_degree,
+        sampling=sampling,
+        stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def check_prompt_length(n_tokens: int, limits: GenerateLimits) -> None:
+    if n_tokens == 0:
+        raise InvalidArgument("prompt", "must not be empty (it encodes to zero tokens)")
+    if n_tokens > limits.max_prompt_tokens:
+        raise InvalidArgument("prompt", f"at most {limits.max_prompt_tokens} tokens, got {n_tokens}")

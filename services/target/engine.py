@@ -1,0 +1,59 @@
+"""The target's domain logic: score a window of drafts against the target model."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from services.model.runner import ModelRunner
+from services.model.sampling import Sampling, coupled_choice, dense_from_sparse, rejection_verify
+
+
+@dataclass
+class VerifyCall:
+    """One window: score positions first_position .. len(token_ids) of the session's sequence."""
+
+    session_id: str
+    token_ids: list[int]
+    first_position: int
+    sampling: Sampling
+    # Rejection sampling only: (ids, probs) of the drafter's distribution at each draft position.
+    draft_probs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+
+
+@dataclass
+class VerifyResult:
+    token_ids: list[int]
+    cached_tokens: int
+    queue_s: float
+    compute_s: float
+
+
+class TargetEngine:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    async def verify(self, call: VerifyCall) -> VerifyResult:
+        runner = self.runner
+        runner.counters.calls += 1
+
+        def job(j):  # type: ignore[no-untyped-def]
+            logits, cached = runner.forward(j, call.session_id, call.token_ids, call.first_position - 1)
+            positions = list(range(call.first_position, len(call.token_ids) + 1))
+            s = call.sampling
+            if s.rejection and not s.greedy:
+                vocab = logits.shape[-1]
+                q = [dense_from_sparse(ids, probs, vocab, logits.device) for ids, probs in call.draft_probs]
+                tokens = rejection_verify(logits, call.token_ids[call.first_position :], q, call.first_position, s)
+            else:
+                tokens = coupled_choice(logits, positions, s)
+            return VerifyResult(tokens, cached, j.queue_s, j.compute_s)
+
+        try:
+            return await runner.run(job)
+        except asyncio.CancelledError:
+            runner.counters.cancelled += 1
+            raise
+
+    async def release(self, session_id: str) -> bool:
+        return await self.runner.release(session_id)

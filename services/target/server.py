@@ -1,0 +1,37 @@
+"""Entry point of the target service (``dsi serve target``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dsi.v1 import target_pb2, target_pb2_grpc
+from services.model.runner import ModelRunner
+from services.runtime.model_server import serve_model_service
+from services.runtime.serving import configure_logging, run_async
+from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
+from services.target.engine import TargetEngine
+from services.target.servicer import TargetServicer
+
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+async def serve(settings: ModelServerSettings) -> None:
+    servicer = TargetServicer(None, settings.max_sequence_tokens)
+
+    def loaded(runner: ModelRunner) -> None:
+        servicer.engine = TargetEngine(runner)
+
+    await serve_model_service(
+        settings, SERVICE_NAME, lambda s: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, s), loaded
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_server_arguments(parser, "target")
+
+
+def main(ns: argparse.Namespace) -> int:
+    settings = model_server_settings(ns, "target")
+    configure_logging(settings.log_level)
+    run_async(lambda: serve(settings))
+    return 0

@@ -1,0 +1,140 @@
+"""In-memory target and drafter with scripted latencies and acceptance, and a virtual-time loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import selectors
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
+
+VOCAB = 50
+
+
+def target_token(prefix: list[int]) -> int:
+    """The scripted target: a deterministic function of the whole prefix."""
+    digest = hashlib.blake2b(repr(prefix).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") % VOCAB
+
+
+def coin(position: int, salt: int) -> float:
+    digest = hashlib.blake2b(f"{position}:{salt}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") / 2**32
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None):  # type: ignore[override]
+        if timeout is not None and timeout > 0:
+            self._loop.now += timeout  # jump to the next timer instead of waiting
+        return super().select(0)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when every task waits on a timer."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(selector=_VirtualSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+def run_virtual(coro_fn: Callable[[], object]) -> object:
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(coro_fn())  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+@dataclass
+class FakeTarget:
+    """n instances; each Verify holds one for ``latency`` seconds (virtual)."""
+
+    instances: int = 1
+    latency: float = 1.0
+    cancelled: int = 0
+    completed: int = 0
+    calls: list[WindowRequest] = field(default_factory=list)
+    max_concurrent: int = 0
+    _busy: int = 0
+    _sem: asyncio.Semaphore | None = None
+
+    def sp_limit(self) -> int:
+        return self.instances
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.instances)
+        self.calls.append(window)
+        async with self._sem:
+            self._busy += 1
+            self.max_concurrent = max(self.max_concurrent, self._busy)
+            try:
+                await asyncio.sleep(self.latency)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            finally:
+                self._busy -= 1
+        self.completed += 1
+        ids = window.token_ids
+        tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
+        return WindowResult(tokens, target="fake", compute_s=self.latency)
+
+
+class FakeStream:
+    def __init__(self, drafter: FakeDrafter, prefix: list[int], max_tokens: int) -> None:
+        self.drafter = drafter
+        self.prefix = list(prefix)
+        self.max_tokens = max_tokens
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.drafter.cancels += 1
+
+    async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
+        seq = list(self.prefix)
+        for _ in range(self.max_tokens):
+            if self.cancelled:
+                return
+            await asyncio.sleep(self.drafter.latency)
+            if self.drafter.fail_after is not None and self.drafter.produced >= self.drafter.fail_after:
+                raise ConnectionError("drafter died")
+            right = target_token(seq)
+            pos = len(seq)
+            token = right if coin(pos, self.drafter.salt) < self.drafter.acceptance else (right + 1) % VOCAB
+            seq.append(token)
+            self.drafter.produced += 1
+            yield Draft(token)
+
+
+@dataclass
+class FakeDrafter:
+    latency: float = 0.1
+    acceptance: float = 0.8
+    salt: int = 0
+    cancels: int = 0
+    produced: int = 0
+    opened: int = 0
+    fail_after: int | None = None
+
+    def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> FakeStream:
+        self.opened += 1
+        return FakeStream(self, prefix, max_tokens)
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(target_token(seq))
+    return seq[len(prompt):]

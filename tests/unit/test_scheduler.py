@@ -1,0 +1,119 @@
+"""The DSI scheduler against in-memory fakes on a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.orchestrator.scheduler import CommittedToken, Scheduler, SchedulerConfig, Source
+from tests.unit.fakes import FakeDrafter, FakeTarget, reference, run_virtual
+
+pytestmark = pytest.mark.unit
+
+PROMPT = [1, 2, 3]
+
+
+def generate(mode: str, target: FakeTarget, drafter: FakeDrafter | None, n: int = 40, lookahead: int = 4,
+             sp: int = 0, stop_at: int | None = None):
+    out: list[CommittedToken] = []
+
+    async def main():
+        sched = Scheduler(target, drafter, SchedulerConfig(mode=mode, lookahead=lookahead, sp_degree=sp,
+                                                           max_new_tokens=n), "s1")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def on_commit(tok: CommittedToken) -> bool:
+            out.append(tok)
+            return stop_at is not None and tok.token_id == stop_at
+
+        stats = await sched.run(PROMPT, on_commit)
+        return stats, loop.time() - t0
+
+    stats, elapsed = run_virtual(main)
+    return [t.token_id for t in out], out, stats, elapsed
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si", "nonsi"])
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9, 1.0])
+def test_output_equals_target(mode: str, acceptance: float) -> None:
+    ids, _, stats, _ = generate(mode, FakeTarget(instances=3), FakeDrafter(acceptance=acceptance))
+    assert ids == reference(PROMPT, 40)
+    assert stats.new_tokens == 40
+
+
+def test_positions_are_consecutive_and_sources_match_drafts() -> None:
+    ids, toks, stats, _ = generate("dsi", FakeTarget(instances=3), FakeDrafter(acceptance=0.7))
+    assert [t.position for t in toks] == list(range(len(PROMPT), len(PROMPT) + 40))
+    assert sum(t.source is Source.DRAFT for t in toks) == stats.tokens_from_drafts > 0
+    assert stats.drafts_accepted >= stats.tokens_from_drafts
+
+
+def test_stale_windows_are_cancelled_on_rejection() -> None:
+    target = FakeTarget(instances=4, latency=1.0)
+    drafter = FakeDrafter(latency=0.2, acceptance=0.5)
+    _, _, stats, _ = generate("dsi", target, drafter, n=60)
+    assert stats.epochs > 1
+    assert stats.windows_cancelled > 0
+    # Every dispatched window either completed or was cancelled; cancellations reached the target.
+    assert target.cancelled == stats.windows_cancelled
+    assert target.completed + target.cancelled == stats.windows_dispatched
+    assert drafter.cancels > 0
+    assert stats.max_windows_in_flight > 1
+
+
+def test_out_of_order_results_are_applied_in_order() -> None:
+    class Jittery(FakeTarget):
+        async def verify(self, window):  # first windows of an epoch take longest
+            self.latency = 1.0 if window.rank == 0 else 0.3
+            return await super().verify(window)
+
+    ids, _, _, _ = generate("dsi", Jittery(instances=4), FakeDrafter(latency=0.01, acceptance=0.9), n=50)
+    assert ids == reference(PROMPT, 50)
+
+
+def test_stop_callback_ends_generation() -> None:
+    ref = reference(PROMPT, 40)
+    stop = ref[10]
+    ids, _, _, _ = generate("dsi", FakeTarget(instances=2), FakeDrafter(acceptance=0.9), stop_at=stop)
+    assert ids == ref[: ref.index(stop) + 1]
+
+
+def test_drafter_failure_continues_target_only() -> None:
+    drafter = FakeDrafter(acceptance=0.9, fail_after=5)
+    ids, _, stats, _ = generate("dsi", FakeTarget(instances=2), drafter)
+    assert ids == reference(PROMPT, 40)
+    assert stats.drafter_failed
+
+
+def test_backpressure_limits_drafts_ahead() -> None:
+    # A very fast drafter and a slow target: drafts never run more than SP x L ahead of commits.
+    target = FakeTarget(instances=2, latency=1.0)
+    drafter = FakeDrafter(latency=0.001, acceptance=1.0)
+    _, _, stats, _ = generate("dsi", target, drafter, n=40, lookahead=3)
+    assert stats.drafts_proposed <= 40 + (2 + 1) * 3 + 3
+
+
+@pytest.mark.parametrize("c", [0.05, 0.1, 0.2, 0.5])
+@pytest.mark.parametrize("acceptance", [0.0, 0.3, 0.6, 0.8, 0.95])
+def test_dsi_never_slower_than_si_or_nonsi(c: float, acceptance: float) -> None:
+    lookahead = 4
+    targets = max(2, int(1 / (c * lookahead)) + 2)
+    times = {}
+    for mode in ("dsi", "si", "nonsi"):
+        _, _, _, elapsed = generate(mode, FakeTarget(instances=targets, latency=1.0),
+                                    FakeDrafter(latency=c, acceptance=acceptance), n=80, lookahead=lookahead)
+        times[mode] = elapsed
+    # Allow one target latency of slack for the pipeline's start and end.
+    assert times["dsi"] <= times["nonsi"] + 1.0 + 1e-9, times
+    assert times["dsi"] <= times["si"] + 1.0 + 1e-9, times
+
+
+def test_dsi_is_faster_than_si_with_a_good_drafter() -> None:
+    times = {}
+    for mode in ("dsi", "si"):
+        _, _, _, elapsed = generate(mode, FakeTarget(instances=4, latency=1.0),
+                                    FakeDrafter(latency=0.1, acceptance=0.8), n=100, lookahead=4)
+        times[mode] = elapsed
+    assert times["dsi"] < 0.85 * times["si"], times
