@@ -215,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(info, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=10.0, help="deadline")
     info.set_defaults(func=_info)
 
+    from dsi.bench.cli import register as register_bench
     from dsi.sim.cli import register as register_simulate
 
     register_simulate(sub)
+    register_bench(sub)
     return parser
 
 

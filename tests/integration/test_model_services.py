@@ -1,0 +1,165 @@
+"""Target and drafter services as real processes: Verify correctness with cache reuse, real
+cancellation between decoder layers, Draft stream cancellation, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
+from services.model.sampling import Sampling, coupled_choice
+from tests.integration.procs import start_service
+
+pytestmark = pytest.mark.integration
+
+
+def _reference_tokens(model, token_ids: list[int], first: int, sampling: Sampling) -> list[int]:
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()  # [n, vocab]
+    rows = logits[first - 1 :]
+    return coupled_choice(rows, list(range(first, len(token_ids) + 1)), sampling)
+
+
+def _info(stub: target_pb2_grpc.TargetServiceStub) -> target_pb2.TargetInfoResponse:
+    return stub.Info(target_pb2.TargetInfoRequest(), timeout=10)
+
+
+def test_verify_matches_full_recompute_with_cache_reuse(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    target_dir, _ = tiny_pair
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    svc = start_service("target", ["--model", str(target_dir), "--threads", "1"], log_dir)
+    try:
+        with grpc.insecure_channel(svc.address) as ch:
+            stub = target_pb2_grpc.TargetServiceStub(ch)
+            g = torch.Generator().manual_seed(0)
+            base = torch.randint(1, 300, (40,), generator=g).tolist()
+            # Grow, shrink (crop), diverge (crop + recompute), re-grow: all on one session.
+            cases = [(base[:10], 10), (base[:20], 15), (base[:12], 9), (base[:8] + [5, 6, 7], 8),
+                     (base[:30], 25), (base[:30], 2), (base[:40], 40)]
+            for sampling in (Sampling(), Sampling(temperature=0.8, top_k=50, top_p=0.9, seed=42)):
+                for ids, first in cases:
+                    resp = stub.Verify(target_pb2.VerifyRequest(
+                        session_id="s", token_ids=ids, first_position=first,
+                        sampling=common_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                                           top_p=sampling.top_p, seed=sampling.seed)), timeout=30)
+                    assert list(resp.token_ids) == _reference_tokens(model, ids, first, sampling), (ids, first)
+            info = _info(stub)
+            assert info.counters.cache_hit_tokens > 0  # the cache was really reused
+            assert info.model.vocab_size == model.config.vocab_size
+            assert stub.Release(target_pb2.TargetReleaseRequest(session_id="s")).released
+            assert not stub.Release(target_pb2.TargetReleaseRequest(session_id="s")).released
+    finally:
+        svc.stop()
+
+
+def test_cancelled_verify_stops_between_layers_and_keeps_cache_consistent(
+    deep_pair: tuple[Path, Path], log_dir: Path
+) -> None:
+    target_dir, _ = deep_pair
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    # 12 layers padded to 3 s per forward: a cancel after 0.5 s lands mid-forward.
+    svc = start_service("target", ["--model", str(target_dir), "--threads", "1",
+                                   "--emulate-latency-ms", "3000:3000"], log_dir)
+    ids = list(range(5, 35))
+
+    async def scenario() -> tuple[float, list[int]]:
+        async with grpc.aio.insecure_channel(svc.address) as ch:
+            stub = target_pb2_grpc.TargetServiceStub(ch)
+            call = stub.Verify(target_pb2.VerifyRequest(session_id="s", token_ids=ids, first_position=20), timeout=30)
+            await asyncio.sleep(0.5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            t0 = time.perf_counter()
+            # The next call on the same session must be correct (cache cropped back, not corrupted).
+            resp = await stub.Verify(target_pb2.VerifyRequest(session_id="s", token_ids=ids, first_position=20),
+                                     timeout=30)
+            return time.perf_counter() - t0, list(resp.token_ids)
+
+    try:
+        elapsed, tokens = asyncio.run(scenario())
+        assert tokens == _reference_tokens(model, ids, 20, Sampling())
+        with grpc.insecure_channel(svc.address) as ch:
+            info = _info(target_pb2_grpc.TargetServiceStub(ch))
+        c = info.counters
+        assert c.calls == 2 and c.cancelled == 1
+        assert c.cancelled_mid_forward == 1  # stopped between decoder layers, not run to completion
+        assert c.forwards_completed == 1  # only the second call's forward completed
+        assert c.layers_run < 2 * info.model.num_layers
+        # The aborted forward freed the device at once: the second call took about one forward.
+        assert elapsed < 3.0 + 2.0
+    finally:
+        svc.stop()
+
+
+def test_cancelled_draft_stream_stops_producing(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    _, drafter_dir = tiny_pair
+    svc = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1",
+                                    "--emulate-latency-ms", "100:100"], log_dir)
+
+    async def scenario() -> int:
+        async with grpc.aio.insecure_channel(svc.address) as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            call = stub.Draft(drafter_pb2.DraftRequest(session_id="d", token_ids=[1, 2, 3], max_tokens=200),
+                              timeout=60)
+            got = 0
+            async for msg in call:
+                assert msg.position == 3 + got
+                got += 1
+                if got == 3:
+                    break
+            call.cancel()  # breaking out of the loop alone would not cancel the stream
+            return got
+
+    try:
+        assert asyncio.run(scenario()) == 3
+        with grpc.insecure_channel(svc.address) as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            time.sleep(0.5)
+            first = stub.Info(drafter_pb2.DrafterInfoRequest(), timeout=10).counters
+            time.sleep(0.6)
+            second = stub.Info(drafter_pb2.DrafterInfoRequest(), timeout=10).counters
+        assert first.cancelled == 1
+        assert second.forwards_completed == first.forwards_completed  # nothing more is computed
+        assert first.forwards_completed <= 5  # 3 sent, at most one more in progress
+    finally:
+        svc.stop()
+
+
+def test_model_services_reject_bad_input(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    target_dir, drafter_dir = tiny_pair
+    target = start_service("target", ["--model", str(target_dir), "--threads", "1"], log_dir)
+    drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], log_dir)
+    try:
+        with grpc.insecure_channel(target.address) as tch, grpc.insecure_channel(drafter.address) as dch:
+            t = target_pb2_grpc.TargetServiceStub(tch)
+            d = drafter_pb2_grpc.DrafterServiceStub(dch)
+            bad = [
+                (lambda: t.Verify(target_pb2.VerifyRequest(session_id="s", token_ids=[1, 99999], first_position=1)),
+                 "token_ids"),
+                (lambda: t.Verify(target_pb2.VerifyRequest(session_id="s", token_ids=[1, 2], first_position=5)),
+                 "first_position"),
+                (lambda: t.Verify(target_pb2.VerifyRequest(session_id="", token_ids=[1], first_position=1)),
+                 "session_id"),
+                (lambda: t.Verify(target_pb2.VerifyRequest(
+                    session_id="s", token_ids=[1], first_position=1,
+                    sampling=common_pb2.SamplingParams(temperature=-1))), "temperature"),
+                (lambda: list(d.Draft(drafter_pb2.DraftRequest(session_id="s", token_ids=[1], max_tokens=0))),
+                 "max_tokens"),
+                (lambda: list(d.Draft(drafter_pb2.DraftRequest(session_id="s", token_ids=[-1], max_tokens=1))),
+                 "token_ids"),
+            ]
+            for call, field in bad:
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+                assert field in err.value.details()
+    finally:
+        target.stop()
+        drafter.stop()
