@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+
+from dsi.v1 import orchestrator_pb2
+from services.orchestrator.detokenizer import IncrementalText
+from services.runtime.errors import InvalidArgument
+from services.runtime.validation import GenerateLimits, validate_generate
+
+pytestmark = pytest.mark.unit
+
+
+class CharTokenizer:
+    """Token id = a byte; decoding shows U+FFFD for an incomplete UTF-8 sequence, like HF tokenizers."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def feed(text: IncrementalText, data: bytes) -> str:
+    return "".join(text.push(b) for b in data) + text.finish()
+
+
+def test_multibyte_characters_are_never_split() -> None:
+    t = IncrementalText(CharTokenizer())
+    deltas = [t.push(b) for b in "é€".encode()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + t.finish() == "é€"
+
+
+def test_stop_string_is_cut_and_never_streamed() -> None:
+    t = IncrementalText(CharTokenizer(), stop=("STOP",))
+    streamed = ""
+    for b in b"abc STO":
+        streamed += t.push(b)
+    assert streamed == "abc "  # "STO" may still become the stop string: held back
+    streamed += t.push(ord("P"))
+    assert t.stopped_at == 4
+    assert streamed + t.finish() == "abc " and t.final_text == "abc "
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop() -> None:
+    t = IncrementalText(CharTokenizer(), stop=("STOP",))
+    assert feed(t, b"ST and more") == "ST and more"
+    assert t.stopped_at is None
+
+
+LIMITS = GenerateLimits(vocab_size=100, max_new_tokens=50, max_prompt_tokens=20, max_lookahead=8,
+                        default_lookahead=4)
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(), "prompt"),
+        (dict(prompt="x", prompt_token_ids=[1]), "prompt"),
+        (dict(prompt="x", max_new_tokens=0), "max_new_tokens"),
+        (dict(prompt="x", max_new_tokens=51), "max_new_tokens"),
+        (dict(prompt_token_ids=[1, 100], max_new_tokens=1), "prompt_token_ids"),
+        (dict(prompt_token_ids=list(range(21)), max_new_tokens=1), "prompt_token_ids"),
+        (dict(prompt="x", max_new_tokens=1, temperature=-1), "temperature"),
+        (dict(prompt="x", max_new_tokens=1, temperature=float("nan")), "temperature"),
+        (dict(prompt="x", max_new_tokens=1, top_p=0.0), "top_p"),
+        (dict(prompt="x", max_new_tokens=1, top_p=1.01), "top_p"),
+        (dict(prompt="x", max_new_tokens=1, top_k=-1), "top_k"),
+        (dict(prompt="x", max_new_tokens=1, lookahead=9), "lookahead"),
+        (dict(prompt="x", max_new_tokens=1, mode=42), "mode"),
+        (dict(prompt="x", max_new_tokens=1, sp_degree=-1), "sp_degree"),
+        (dict(prompt="x", max_new_tokens=1, stop=[""]), "stop[0]"),
+    ],
+)
+def test_generate_validation_names_the_field(fields: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_generate(orchestrator_pb2.GenerateRequest(**fields), LIMITS)
+    assert err.value.field == field
+    assert str(err.value).startswith(field)
+
+
+def test_valid_request_gets_defaults_and_a_random_seed() -> None:
+    p = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, temperature=0.5), LIMITS)
+    q = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, temperature=0.5), LIMITS)
+    assert p.mode == "dsi" and p.lookahead == 4 and p.sampling.top_p == 1.0
+    assert p.sampling.seed != q.sampling.seed
+    r = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, seed=3), LIMITS)
+    assert r.sampling.seed == 3
