@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dsi.demo
 
-test: $(STAMP) proto-check
+test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q
 
 proto: $(STAMP)

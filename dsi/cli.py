@@ -40,8 +40,11 @@ def _up(ns: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     cluster = LocalCluster(spec)
-    print(f"starting {ns.targets} target(s), 1 drafter and the orchestrator; logs in {cluster.log_dir}",
-          file=sys.stderr, flush=True)
+    print(
+        f"starting {ns.targets} target(s), 1 drafter and the orchestrator; logs in {cluster.log_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         address = cluster.start()
     except ClusterError as exc:
@@ -52,8 +55,11 @@ def _up(ns: argparse.Namespace) -> int:
         while not stop.is_set():
             for sp in cluster.processes:
                 if sp.process.poll() is not None:
-                    print(f"dsi up: {sp.name} exited with code {sp.process.returncode}; log {sp.log_path}:\n"
-                          f"{sp.log_tail()}", file=sys.stderr)
+                    print(
+                        f"dsi up: {sp.name} exited with code {sp.process.returncode}; log {sp.log_path}:\n"
+                        f"{sp.log_tail()}",
+                        file=sys.stderr,
+                    )
                     return 1
             stop.wait(0.5)
         print("stopping the cluster", file=sys.stderr, flush=True)
@@ -145,28 +151,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start a local cluster (targets, drafter, orchestrator) as processes",
-                        description="Start N targets, one drafter and the orchestrator as separate processes, wait "
-                                    "for their health, print 'orchestrator listening on HOST:PORT', and stop them "
-                                    "all on Ctrl-C or SIGTERM.")
-    add_flag(up, "--target-model", env="DSI_UP_TARGET_MODEL", default="",
-             help="target checkpoint directory or hub id (default: the built-in pair)")
-    add_flag(up, "--drafter-model", env="DSI_UP_DRAFTER_MODEL", default="",
-             help="drafter checkpoint directory or hub id (default: the built-in pair)")
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster (targets, drafter, orchestrator) as processes",
+        description="Start N targets, one drafter and the orchestrator as separate processes, wait "
+        "for their health, print 'orchestrator listening on HOST:PORT', and stop them "
+        "all on Ctrl-C or SIGTERM.",
+    )
+    add_flag(
+        up,
+        "--target-model",
+        env="DSI_UP_TARGET_MODEL",
+        default="",
+        help="target checkpoint directory or hub id (default: the built-in pair)",
+    )
+    add_flag(
+        up,
+        "--drafter-model",
+        env="DSI_UP_DRAFTER_MODEL",
+        default="",
+        help="drafter checkpoint directory or hub id (default: the built-in pair)",
+    )
     add_flag(up, "--targets", env="DSI_UP_TARGETS", type=int, default=2, help="number of target instances")
     add_flag(up, "--host", env="DSI_UP_HOST", default="127.0.0.1", help="address every service binds")
     add_flag(up, "--port", env="DSI_UP_PORT", type=int, default=50051, help="orchestrator port (0 = any free)")
     add_flag(up, "--threads", env="DSI_UP_THREADS", type=int, default=1, help="torch threads per model service")
     add_flag(up, "--device", env="DSI_UP_DEVICE", default="auto", help="device of every model service")
     add_flag(up, "--dtype", env="DSI_UP_DTYPE", default="auto", help="weight dtype of every model service")
-    add_flag(up, "--emulate-target-ms", env="DSI_UP_EMULATE_TARGET_MS", default="",
-             help="pad target forward passes to PREFILL:DECODE ms (benchmarks)")
-    add_flag(up, "--emulate-drafter-ms", env="DSI_UP_EMULATE_DRAFTER_MS", default="",
-             help="pad drafter forward passes to PREFILL:DECODE ms (benchmarks)")
-    add_flag(up, "--oracle-acceptance", env="DSI_UP_ORACLE_ACCEPTANCE", type=float, default=0.0,
-             help="BENCHMARK ONLY: the drafter proposes the target's greedy token with this probability")
+    add_flag(
+        up,
+        "--emulate-target-ms",
+        env="DSI_UP_EMULATE_TARGET_MS",
+        default="",
+        help="pad target forward passes to PREFILL:DECODE ms (benchmarks)",
+    )
+    add_flag(
+        up,
+        "--emulate-drafter-ms",
+        env="DSI_UP_EMULATE_DRAFTER_MS",
+        default="",
+        help="pad drafter forward passes to PREFILL:DECODE ms (benchmarks)",
+    )
+    add_flag(
+        up,
+        "--oracle-acceptance",
+        env="DSI_UP_ORACLE_ACCEPTANCE",
+        type=float,
+        default=0.0,
+        help="BENCHMARK ONLY: the drafter proposes the target's greedy token with this probability",
+    )
     add_flag(up, "--lookahead", env="DSI_UP_LOOKAHEAD", type=int, default=5, help="default drafts per window")
-    add_flag(up, "--log-dir", env="DSI_UP_LOG_DIR", default="", help="where the services' logs go (default: a temp dir)")
+    add_flag(
+        up, "--log-dir", env="DSI_UP_LOG_DIR", default="", help="where the services' logs go (default: a temp dir)"
+    )
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="generate text through an orchestrator")
@@ -177,15 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(gen, "--top-k", env="DSI_TOP_K", type=int, default=0, help="0 = off")
     add_flag(gen, "--top-p", env="DSI_TOP_P", type=float, default=None, help="in (0, 1]; unset = 1")
     add_flag(gen, "--seed", env="DSI_SEED", type=int, default=None, help="sampling seed (random when unset)")
-    add_flag(gen, "--lookahead", env="DSI_LOOKAHEAD", type=int, default=0, help="drafts per window (0 = server default)")
-    add_flag(gen, "--sp-degree", env="DSI_SP_DEGREE", type=int, default=0,
-             help="windows in flight at once (0 = every healthy target)")
-    add_flag(gen, "--verification", env="DSI_VERIFICATION", default="coupled", choices=["coupled", "rejection"],
-             help="coupled: exact (greedy/Gumbel); rejection: classic rejection sampling")
+    add_flag(
+        gen, "--lookahead", env="DSI_LOOKAHEAD", type=int, default=0, help="drafts per window (0 = server default)"
+    )
+    add_flag(
+        gen,
+        "--sp-degree",
+        env="DSI_SP_DEGREE",
+        type=int,
+        default=0,
+        help="windows in flight at once (0 = every healthy target)",
+    )
+    add_flag(
+        gen,
+        "--verification",
+        env="DSI_VERIFICATION",
+        default="coupled",
+        choices=["coupled", "rejection"],
+        help="coupled: exact (greedy/Gumbel); rejection: classic rejection sampling",
+    )
     add_flag(gen, "--stop", env="DSI_STOP", action="append", help="stop string (repeatable)")
     add_flag(gen, "--ignore-eos", env="DSI_IGNORE_EOS", action="store_true", help="generate past EOS tokens")
     add_flag(gen, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=None, help="deadline of the call")
-    add_flag(gen, "--json", env="DSI_JSON", action="store_true", help="print one JSON object with text, token_ids, stats")
+    add_flag(
+        gen, "--json", env="DSI_JSON", action="store_true", help="print one JSON object with text, token_ids, stats"
+    )
     add_flag(gen, "--quiet", env="DSI_QUIET", action="store_true", help="do not print the stats line")
     gen.add_argument("prompt", help="the prompt ('-' reads standard input)")
     gen.set_defaults(func=_generate)

@@ -103,7 +103,7 @@ def build_request(
     req = orchestrator_pb2.GenerateRequest(
         request_id=request_id,
         max_new_tokens=max_new_tokens,
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]
         lookahead=lookahead,
         sp_degree=sp_degree,
         temperature=temperature,

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchestrator listening on {cluster.address}\n", flush=True)
         with Client(cluster.address, timeout=300) as client:
             client.generate(ns.prompt, max_new_tokens=4, mode="nonsi")  # warm the caches and kernels
-            results = {m: client.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, mode=m) for m in ("dsi", "nonsi")}
+            results = {
+                m: client.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, mode=m) for m in ("dsi", "nonsi")
+            }
     dsi, nonsi = results["dsi"], results["nonsi"]
     legend = f"{GREEN}green{RESET}" if color else "[brackets]"
     print(f"mode=dsi  (tokens from accepted drafts in {legend}):\n")
@@ -59,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<7}{'tokens':>8}{'tok/s':>9}{'acceptance':>12}{'windows':>9}{'cancelled':>11}{'in flight':>11}")
     for mode, r in results.items():
         s = r.stats
-        print(f"{mode:<7}{s['new_tokens']:>8}{s['tokens_per_s']:>9.1f}{s['acceptance_rate']:>12.2f}"
-              f"{s['windows_dispatched']:>9}{s['windows_cancelled']:>11}{s['max_windows_in_flight']:>11}")
+        print(
+            f"{mode:<7}{s['new_tokens']:>8}{s['tokens_per_s']:>9.1f}{s['acceptance_rate']:>12.2f}"
+            f"{s['windows_dispatched']:>9}{s['windows_cancelled']:>11}{s['max_windows_in_flight']:>11}"
+        )
     speedup = dsi.stats["tokens_per_s"] / max(nonsi.stats["tokens_per_s"], 1e-9)
     print(f"\nDSI/non-SI speed: {speedup:.2f}x on this machine ({os.cpu_count()} CPU cores shared by all services).")
     return 0 if dsi.token_ids == nonsi.token_ids else 1

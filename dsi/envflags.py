@@ -33,17 +33,16 @@ def add_flag(
     """
     action = kwargs.get("action")
     raw = os.environ.get(env)
+    if type is not None:
+        kwargs["type"] = type
+    value: Any
     if action == "store_true":
         value = _parse_bool(raw) if raw is not None else bool(default)
         kwargs.pop("type", None)
-        return parser.add_argument(
-            *names, default=value, help=f"{help} [env: {env}]", **kwargs
-        )
+        return parser.add_argument(*names, default=value, help=f"{help} [env: {env}]", **kwargs)
     if action == "append":
         value = raw.split(",") if raw else default
-        return parser.add_argument(
-            *names, default=value, type=type, help=f"{help} [env: {env} (comma-separated)]", **kwargs
-        )
+        return parser.add_argument(*names, default=value, help=f"{help} [env: {env} (comma-separated)]", **kwargs)
     value = default
     if raw is not None:
         try:
@@ -51,6 +50,4 @@ def add_flag(
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"environment variable {env}={raw!r} is invalid: {exc}")
     shown = "" if default in (None, "") else f", default: {default}"
-    return parser.add_argument(
-        *names, default=value, type=type, help=f"{help} [env: {env}{shown}]", **kwargs
-    )
+    return parser.add_argument(*names, default=value, help=f"{help} [env: {env}{shown}]", **kwargs)

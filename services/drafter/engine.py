@@ -8,6 +8,7 @@ to sweep acceptance rates in benchmarks. It is labelled as such in ``Info`` and 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -58,10 +59,10 @@ class DrafterEngine:
         seq = list(token_ids)
         try:
             for _ in range(max_tokens):
-                snapshot = list(seq)
-                token = await runner.run(
-                    lambda j, snap=snapshot: self._step(j, session_id, snap, sampling, return_probs)
+                step = functools.partial(
+                    self._step, session_id=session_id, seq=list(seq), s=sampling, return_probs=return_probs
                 )
+                token = await runner.run(step)
                 seq.append(token.token_id)
                 yield token
         except (asyncio.CancelledError, GeneratorExit):

@@ -46,7 +46,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         return drafter_pb2.DrafterInfoResponse(
             model=model_info_pb(runner.loaded),
             counters=counters_pb(runner),
-            oracle_acceptance=self.engine.oracle_acceptance,
+            oracle_acceptance=self._engine().oracle_acceptance,
         )
 
     @grpc_errors

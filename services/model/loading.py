@@ -86,7 +86,8 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", threads
             f"could not load a causal LM from {name!r}: {exc}. Pass a local checkpoint directory "
             "(config.json + weights), or a hub id on a machine that can reach the hub."
         ) from exc
-    model.to(dev).eval()
+    model.to(dev)  # type: ignore[arg-type]
+    model.eval()
     vocab = int(model.get_output_embeddings().weight.shape[0])
     num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
     return LoadedModel(

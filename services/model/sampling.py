@@ -147,7 +147,7 @@ def rejection_verify(
     assert logits.shape[0] == len(drafts) + 1 == len(draft_q) + 1, (logits.shape, len(drafts))
     p = target_distribution(logits, s)  # [n + 1, vocab]
     out: list[int] = []
-    for i, (d, q) in enumerate(zip(drafts, draft_q)):
+    for i, (d, q) in enumerate(zip(drafts, draft_q, strict=True)):
         j = first_position + i
         u = float(uniform_noise(s.seed, j, 1, _SALT_ACCEPT)[0])
         p_d, q_d = float(p[i, d]), float(q[d])

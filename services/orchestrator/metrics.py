@@ -26,7 +26,9 @@ class OrchestratorMetrics:
         self.generated_tokens = Counter("dsi_generated_tokens", "Tokens committed", ["mode", "source"], registry=r)
         self.windows_dispatched = Counter("dsi_windows_dispatched", "Verify windows sent", ["mode"], registry=r)
         self.windows_cancelled = Counter("dsi_windows_cancelled", "Windows cancelled in flight", ["mode"], registry=r)
-        self.windows_applied = Counter("dsi_windows_applied", "Windows whose results were applied", ["mode"], registry=r)
+        self.windows_applied = Counter(
+            "dsi_windows_applied", "Windows whose results were applied", ["mode"], registry=r
+        )
         self.drafts_proposed = Counter("dsi_drafts_proposed", "Drafts received from the drafter", ["mode"], registry=r)
         self.drafts_verified = Counter("dsi_drafts_verified", "Drafts compared with the target", ["mode"], registry=r)
         self.drafts_accepted = Counter("dsi_drafts_accepted", "Drafts the target accepted", ["mode"], registry=r)

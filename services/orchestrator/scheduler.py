@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -263,7 +264,9 @@ class Scheduler:
         if self._on_commit(token):
             self._stopped = True
 
-    def _apply(self, base: int, drafts: list[Draft], decided: int, start: int, result: WindowResult) -> tuple[int, _EpochEnd | None]:
+    def _apply(
+        self, base: int, drafts: list[Draft], decided: int, start: int, result: WindowResult
+    ) -> tuple[int, _EpochEnd | None]:
         """Apply a window's result (drafts[start:end], bonus at end) in position order.
 
         Returns the new number of decided positions and how the epoch ends (None: it goes on).
@@ -400,10 +403,14 @@ class Scheduler:
         request = self._window_request(ep.base, ep.drafts, start, end, rank)
         task = asyncio.ensure_future(self.target.verify(request))
         window = _Window(start, end, task, self.clock())
-        task.add_done_callback(lambda _t, w=window: ep.events.put_nowait(("window", w)))
+        task.add_done_callback(functools.partial(self._window_done, ep, window))
         ep.windows.append(window)
         self.stats.windows_dispatched += 1
         self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, len(ep.in_flight()))
+
+    @staticmethod
+    def _window_done(ep: _Epoch, window: _Window, _task: object) -> None:
+        ep.events.put_nowait(("window", window))
 
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
         budget = self._remaining() + ep.decided  # drafts beyond this position are never needed

@@ -42,9 +42,7 @@ def check_vocabularies(target: common_pb2.ModelInfo, drafter: common_pb2.ModelIn
             f"(vocabulary hashes {target.vocab_fingerprint} != {drafter.vocab_fingerprint})"
         )
     if tokenizer_len > target.vocab_size:
-        raise StartupError(
-            f"the tokenizer has {tokenizer_len} tokens but the target only {target.vocab_size} logits"
-        )
+        raise StartupError(f"the tokenizer has {tokenizer_len} tokens but the target only {target.vocab_size} logits")
 
 
 async def _target_info(pool: TargetPool) -> common_pb2.ModelInfo:
@@ -62,7 +60,9 @@ async def _target_info(pool: TargetPool) -> common_pb2.ModelInfo:
     return first
 
 
-async def _drafter_info(stub: drafter_pb2_grpc.DrafterServiceStub, address: str, timeout_s: float) -> drafter_pb2.DrafterInfoResponse:
+async def _drafter_info(
+    stub: drafter_pb2_grpc.DrafterServiceStub, address: str, timeout_s: float
+) -> drafter_pb2.DrafterInfoResponse:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -113,7 +113,9 @@ async def serve(settings: OrchestratorSettings) -> None:
         )
         if drafter_model is not None:
             check_vocabularies(target_model, drafter_model, len(tokenizer))
-        eos = list(target_model.eos_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        eos = list(target_model.eos_token_ids) or (
+            [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        )
         limits = GenerateLimits(
             vocab_size=target_model.vocab_size,
             max_new_tokens=settings.max_new_tokens,

@@ -7,8 +7,9 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,7 +38,7 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_async(main: Callable[[], Awaitable[None]]) -> None:
+def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """asyncio.run with uvloop."""
     install_uvloop()
     asyncio.run(main())

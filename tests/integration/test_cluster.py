@@ -135,7 +135,7 @@ def test_concurrent_requests_share_the_pool(services) -> None:
 
     concurrent = asyncio.run(main())
     with Client(address, timeout=120) as client:
-        for prompt, result in zip(PROMPTS[:6], concurrent):
+        for prompt, result in zip(PROMPTS[:6], concurrent, strict=True):
             assert result.token_ids == client.generate(prompt, max_new_tokens=N_TOKENS, mode="nonsi",
                                                        ignore_eos=True).token_ids
 
