@@ -18,8 +18,8 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 def split_host_port(endpoint: str) -> tuple[str, int]:
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {endpoint!r}")
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (or {DNS_PREFIX}NAME:PORT), got {endpoint!r}")
     return host.strip("[]"), int(port)
 
 
@@ -34,16 +34,26 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return sorted({format_address(str(info[4][0]), port) for info in infos})
 
 
-async def resolve_targets(specs: Sequence[str], resolver: Resolver = system_resolver) -> list[str]:
-    """Expand the target specs into endpoint addresses (order kept, duplicates dropped)."""
+async def resolve_targets(
+    specs: Sequence[str], resolver: Resolver = system_resolver, last_good: dict[str, list[str]] | None = None
+) -> list[str]:
+    """Expand the target specs into endpoint addresses (order kept, duplicates dropped).
+
+    With ``last_good``, a name that fails to resolve keeps the addresses it last resolved to (and
+    ``last_good`` is updated with every successful resolution)."""
     out: list[str] = []
     for spec in specs:
         if spec.startswith(DNS_PREFIX):
             host, port = split_host_port(spec[len(DNS_PREFIX) :])
             try:
-                out.extend(await resolver(host, port))
+                found = await resolver(host, port)
             except OSError as exc:
-                log.warning("could not resolve %s: %s", spec, exc)
+                found = (last_good or {}).get(spec, [])
+                log.warning("could not resolve %s: %s (keeping its %d last addresses)", spec, exc, len(found))
+            else:
+                if last_good is not None and found:
+                    last_good[spec] = found
+            out.extend(found)
         else:
             split_host_port(spec)
             out.append(spec)
@@ -65,6 +75,7 @@ class TargetDiscovery:
         self.interval_s = interval_s
         self.resolver = resolver
         self.current: list[str] = []
+        self._last_good: dict[str, list[str]] = {}
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -72,7 +83,7 @@ class TargetDiscovery:
         return any(s.startswith(DNS_PREFIX) for s in self.specs)
 
     async def refresh(self) -> list[str]:
-        addresses = await resolve_targets(self.specs, self.resolver)
+        addresses = await resolve_targets(self.specs, self.resolver, self._last_good)
         if addresses and addresses != self.current:
             log.info("targets: %s", ", ".join(addresses))
             self.current = addresses

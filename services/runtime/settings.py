@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from dsi.envflags import add_flag
-from services.model.runner import Emulation
+from services.model.emulation import Emulation
 from services.runtime.serving import ServerOptions
 
 
