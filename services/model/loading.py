@@ -74,7 +74,9 @@ def _eos_ids(config: Any) -> list[int]:
 def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
     """Load ``name`` with AutoModelForCausalLM in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per service in the logs, not a bar per load
     if threads > 0:
         torch.set_num_threads(threads)
     dev = resolve_device(device)

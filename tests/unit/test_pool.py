@@ -1,0 +1,91 @@
+"""TargetPool scheduling without a network: the critical path first, cache affinity, hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.pool import TargetPool
+from services.orchestrator.scheduler import RequestStats, WindowRequest
+
+pytestmark = pytest.mark.unit
+
+
+def window(session: str, tokens: list[int], rank: int, request_seq: int) -> WindowRequest:
+    return WindowRequest(session, tokens, len(tokens), rank, request_seq)
+
+
+def test_waiting_windows_are_served_critical_path_first_then_oldest_request() -> None:
+    async def main() -> list[str]:
+        pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
+        inst = pool.instances["127.0.0.1:1"]
+        inst.healthy = True
+        holder = await pool._acquire(window("busy", [1], 0, 0))
+        order: list[str] = []
+
+        async def wait(name: str, w: WindowRequest) -> None:
+            got = await pool._acquire(w)
+            order.append(name)
+            await asyncio.sleep(0)
+            pool._release(got)
+
+        tasks = [
+            asyncio.ensure_future(wait("speculative-old", window("a", [1], 2, 0))),
+            asyncio.ensure_future(wait("critical-new", window("b", [1], 0, 5))),
+            asyncio.ensure_future(wait("critical-old", window("c", [1], 0, 1))),
+            asyncio.ensure_future(wait("speculative-new", window("d", [1], 1, 6))),
+        ]
+        await asyncio.sleep(0.01)
+        assert order == []  # all wait for the only instance
+        pool._release(holder)
+        await asyncio.gather(*tasks)
+        await pool.close()
+        return order
+
+    assert asyncio.run(main()) == ["critical-old", "critical-new", "speculative-new", "speculative-old"]
+
+
+def test_free_instance_with_the_longest_cached_prefix_is_preferred() -> None:
+    async def main() -> str:
+        pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
+        for inst in pool.instances.values():
+            inst.healthy = True
+        pool.instances["127.0.0.1:2"].sessions["s"] = [1, 2, 3, 4]
+        pool.instances["127.0.0.1:1"].sessions["s"] = [1, 2]
+        got = await pool._acquire(window("s", [1, 2, 3, 4, 5], 0, 0))
+        await pool.close()
+        return got.address
+
+    assert asyncio.run(main()) == "127.0.0.1:2"
+
+
+def test_a_cancelled_waiter_does_not_leak_the_instance() -> None:
+    async def main() -> bool:
+        pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
+        inst = pool.instances["127.0.0.1:1"]
+        inst.healthy = True
+        holder = await pool._acquire(window("x", [1], 0, 0))
+        waiter = asyncio.ensure_future(pool._acquire(window("y", [1], 1, 1)))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        pool._release(holder)
+        await asyncio.sleep(0)
+        free_again = not inst.busy
+        await pool.close()
+        return free_again
+
+    assert asyncio.run(main())
+
+
+def test_metrics_count_a_request() -> None:
+    metrics = OrchestratorMetrics()
+    stats = RequestStats(mode="dsi", windows_dispatched=5, windows_cancelled=2, drafts_verified=8,
+                         drafts_accepted=6, new_tokens=10, tokens_from_drafts=6, wall_s=1.0)
+    metrics.observe(stats, "ok")
+    value = metrics.registry.get_sample_value
+    assert value("dsi_windows_cancelled_total", {"mode": "dsi"}) == 2
+    assert value("dsi_drafts_accepted_total", {"mode": "dsi"}) == 6
+    assert value("dsi_generated_tokens_total", {"mode": "dsi", "source": "target"}) == 4
+    assert value("dsi_requests_total", {"mode": "dsi", "outcome": "ok"}) == 1
