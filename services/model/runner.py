@@ -94,6 +94,7 @@ class ModelRunner:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
         self._job: Job | None = None
+        self._supports_logits_to_keep = True
         self._layers = find_decoder_layers(loaded.model, loaded.num_layers)
         for index, layer in enumerate(self._layers):
             layer.register_forward_pre_hook(self._make_hook(index))
@@ -182,6 +183,15 @@ class ModelRunner:
                 layer.crop(-extra)
         del session.tokens[length:]
 
+    def _model_forward(self, new: list[int], kv: Any, keep: int) -> Any:
+        input_ids = torch.tensor([new], dtype=torch.long, device=self.loaded.device)
+        if self._supports_logits_to_keep:
+            try:
+                return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
+            except TypeError:  # an architecture without logits_to_keep: compute all logits instead
+                self._supports_logits_to_keep = False
+        return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True)
+
     def forward(self, job: Job, session_id: str, token_ids: list[int], first_logit: int) -> tuple[torch.Tensor, int]:
         """Logits predicting positions first_logit + 1 .. len(token_ids), reusing the session cache.
 
@@ -199,12 +209,7 @@ class ModelRunner:
         job.pad_s = self.emulation.prefill_s if start == 0 else self.emulation.decode_s
         job.t0 = time.perf_counter()
         try:
-            out = self.loaded.model(
-                input_ids=torch.tensor([new], dtype=torch.long, device=self.loaded.device),
-                past_key_values=session.kv,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
+            out = self._model_forward(new, session.kv, keep)
             rest = job.t0 + job.pad_s - time.perf_counter()
             if rest > 0 and job.cancel.wait(rest):
                 session.tokens = list(token_ids)  # the forward itself completed: the cache is valid

@@ -13,7 +13,10 @@ pytestmark = pytest.mark.unit
 class CharTokenizer:
     """Token id = a byte; decoding shows U+FFFD for an incomplete UTF-8 sequence, like HF tokenizers."""
 
+    calls = 0
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        CharTokenizer.calls += len(ids)
         return bytes(ids).decode("utf-8", errors="replace")
 
 
@@ -83,3 +86,27 @@ def test_valid_request_gets_defaults_and_a_random_seed() -> None:
     assert p.sampling.seed != q.sampling.seed
     r = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, seed=3), LIMITS)
     assert r.sampling.seed == 3
+
+
+def test_decoding_work_per_token_does_not_grow_with_the_output() -> None:
+    t = IncrementalText(CharTokenizer())
+    CharTokenizer.calls = 0
+    out = feed(t, b"x" * 2000)
+    assert out == "x" * 2000
+    assert CharTokenizer.calls < 10 * 2000  # a window per push, not the whole output (2000 * 1000)
+
+
+def test_real_tokenizer_round_trip(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from dsi.tiny_models import build_tokenizer
+
+    build_tokenizer(300, [tmp_path])
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    source = "def f(x):\n    return 'héllo → wörld' + x  # ünïcode\n"
+    ids = tok(source, add_special_tokens=False)["input_ids"]
+    t = IncrementalText(tok, stop=("# ü",))
+    streamed = "".join(t.push(i) for i in ids) + t.finish()
+    assert streamed == source[: source.index("# ü")]
+    t2 = IncrementalText(tok)
+    assert "".join(t2.push(i) for i in ids) + t2.finish() == source
