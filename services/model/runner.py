@@ -14,6 +14,7 @@ they would on separate devices and cancellation still lands mid-forward.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -94,7 +95,8 @@ class ModelRunner:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
         self._job: Job | None = None
-        self._supports_logits_to_keep = True
+        # Architectures without logits_to_keep compute logits for every new token instead.
+        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(loaded.model.forward).parameters
         self._layers = find_decoder_layers(loaded.model, loaded.num_layers)
         for index, layer in enumerate(self._layers):
             layer.register_forward_pre_hook(self._make_hook(index))
@@ -186,10 +188,7 @@ class ModelRunner:
     def _model_forward(self, new: list[int], kv: Any, keep: int) -> Any:
         input_ids = torch.tensor([new], dtype=torch.long, device=self.loaded.device)
         if self._supports_logits_to_keep:
-            try:
-                return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
-            except TypeError:  # an architecture without logits_to_keep: compute all logits instead
-                self._supports_logits_to_keep = False
+            return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
         return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True)
 
     def forward(self, job: Job, session_id: str, token_ids: list[int], first_logit: int) -> tuple[torch.Tensor, int]:
