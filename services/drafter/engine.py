@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,7 @@ class DrafterEngine:
 
     async def draft(
         self, session_id: str, token_ids: list[int], max_tokens: int, sampling: Sampling, return_probs: bool
-    ) -> AsyncIterator[DraftToken]:
+    ) -> AsyncGenerator[DraftToken, None]:
         """Yield up to max_tokens drafts continuing token_ids; stops before the next token on cancel."""
         runner = self.runner
         runner.counters.calls += 1

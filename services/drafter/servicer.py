@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,13 +31,15 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     ) -> AsyncIterator[drafter_pb2.DraftResponse]:
         loaded = self._engine().runner.loaded
         sampling = validate_draft(request, loaded.vocab_size, self.max_sequence_tokens, self.max_drafts)
-        async for token in self._engine().draft(
+        drafts = self._engine().draft(
             request.session_id, list(request.token_ids), request.max_tokens, sampling, request.return_probs
-        ):
-            msg = drafter_pb2.DraftResponse(token_id=token.token_id, position=token.position)
-            if token.probs is not None:
-                msg.probs.CopyFrom(common_pb2.SparseDistribution(token_ids=token.probs[0], probs=token.probs[1]))
-            yield msg
+        )
+        async with contextlib.aclosing(drafts):  # a cancel while waiting in `yield` closes the engine too
+            async for token in drafts:
+                msg = drafter_pb2.DraftResponse(token_id=token.token_id, position=token.position)
+                if token.probs is not None:
+                    msg.probs.CopyFrom(common_pb2.SparseDistribution(token_ids=token.probs[0], probs=token.probs[1]))
+                yield msg
 
     @grpc_errors
     async def Info(

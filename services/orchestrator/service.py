@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,7 @@ class Orchestrator:
         check_prompt_length(len(ids), self.limits)
         return ids
 
-    async def generate(self, params: GenerateParams) -> AsyncIterator[Chunk]:
+    async def generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
         request_id = params.request_id or uuid.uuid4().hex[:16]
         prompt = self.tokenize(params)
         sampling = sampling_to_pb(params.sampling)

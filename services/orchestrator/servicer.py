@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -88,8 +89,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
         orchestrator = self._ready()
         params = validate_generate(request, orchestrator.limits)
-        async for chunk in orchestrator.generate(params):
-            yield chunk_to_pb(chunk)
+        # aclosing: a client that goes away while we wait in `yield` still stops the scheduler at once.
+        async with contextlib.aclosing(orchestrator.generate(params)) as chunks:
+            async for chunk in chunks:
+                yield chunk_to_pb(chunk)
 
     @grpc_errors
     async def Info(

@@ -185,6 +185,24 @@ def test_real_preemption_is_observed_on_the_targets(tiny_pair, log_dir: Path) ->
             assert counters.cancelled_mid_forward + counters.cancelled_queued <= counters.cancelled
             mid_forward += counters.cancelled_mid_forward
         assert mid_forward > 0  # forwards stopped between decoder layers, on the target side
+
+        # A client that goes away mid-stream stops the whole request: no target keeps computing.
+        def forwards() -> int:
+            total = 0
+            for t in targets:
+                with grpc.insecure_channel(t.address) as ch:
+                    stub = target_pb2_grpc.TargetServiceStub(ch)
+                    total += stub.Info(target_pb2.TargetInfoRequest(), timeout=10).counters.forwards_completed
+            return total
+
+        with Client(orch.address, timeout=120) as client:
+            stream = client.stream(PROMPTS[0], max_new_tokens=400, mode="dsi", ignore_eos=True, lookahead=2)
+            next(stream)
+            stream.close()  # cancels the call
+        time.sleep(0.5)
+        before = forwards()
+        time.sleep(1.0)
+        assert forwards() == before
     finally:
         for s in reversed(started):
             s.stop()
