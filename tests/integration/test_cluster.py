@@ -293,3 +293,42 @@ def test_dsi_up_serves_and_stops_everything(tiny_pair, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_rejection_sampling_through_the_system_follows_the_target(services, tiny_pair) -> None:
+    """SI with verification='rejection': the first token is decided by rejection sampling of the
+    drafter's proposal; over many seeds it must follow the target's softmax (chi-square)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target_dir, _ = tiny_pair
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    prompt = "import os\n"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float() / 1.2, dim=-1)
+    trials = 400
+    counts = torch.zeros_like(p)
+    accepted = 0
+    with Client(services["orchestrators"][2], timeout=120) as client:
+        for seed in range(trials):
+            r = client.generate(ids, max_new_tokens=2, mode="si", temperature=1.2, seed=seed,
+                                verification="rejection", lookahead=3, ignore_eos=True)
+            counts[r.token_ids[0]] += 1
+            accepted += r.tokens[0].from_draft
+    # Buckets with enough expected mass, the rest pooled.
+    expected = p * trials
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().unsqueeze(0)])
+    exp = torch.cat([expected[big], expected[~big].sum().unsqueeze(0)])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    df = int(keep.sum()) - 1
+    # Wilson-Hilferty approximation of the chi-square 0.999 quantile.
+    z = 3.09
+    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    assert df >= 2
+    assert stat < critical, (stat, critical, df)
+    assert 0 < accepted < trials  # both accepted drafts and recovered tokens happened
