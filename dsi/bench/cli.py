@@ -1,0 +1,233 @@
+"""``dsi bench``: the benchmark command (see :mod:`dsi.bench.runner` for what it measures)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dsi.envflags import add_flag
+
+__all__ = ["register"]
+
+# --quick: a 2x2 grid with short outputs (the integration test runs it).
+_QUICK: dict[str, Any] = {
+    "c_values": [0.1, 0.5],
+    "a_values": [0.6, 0.95],
+    "prompts": 2,
+    "max_new_tokens": 24,
+    "cancel_trials": 3,
+}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("must be a non-empty comma-separated list")
+    return values
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench`` to an argparse subparsers object; its handler is ``args.func(args) -> int``."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark non-SI, SI and DSI through the system against the simulator and HF baselines",
+        description=(
+            "Emulated part: for each drafter latency c (fraction of the target latency) and acceptance a "
+            "(oracle drafter: controlled acceptance, benchmark only), start a cluster with emulated "
+            "latencies, run non-SI, SI and DSI on the same prompts at the simulator's best lookahead, and "
+            "compare with the simulator. Overhead: per-window orchestrator overhead and the target's "
+            "cancel-to-free latency. Real part: the default model pair without emulation, next to "
+            "HuggingFace generate() and generate(assistant_model=). Prints tables, writes bench.json, "
+            "bench.png and overhead.png."
+        ),
+    )
+    add_flag(p, "--targets", env="DSI_BENCH_TARGETS", type=int, default=4, help="target instances (= SP degree)")
+    add_flag(
+        p,
+        "--c-values",
+        env="DSI_BENCH_C_VALUES",
+        type=_floats,
+        default=None,
+        help="drafter latencies as fractions of the target latency (default 0.05,0.1,0.2,0.5)",
+    )
+    add_flag(
+        p,
+        "--a-values",
+        env="DSI_BENCH_A_VALUES",
+        type=_floats,
+        default=None,
+        help="oracle acceptance rates (default 0.3,0.6,0.8,0.95)",
+    )
+    add_flag(
+        p,
+        "--target-ms",
+        env="DSI_BENCH_TARGET_MS",
+        type=float,
+        default=40.0,
+        help="emulated target decode latency per forward",
+    )
+    add_flag(
+        p,
+        "--prefill-ms",
+        env="DSI_BENCH_PREFILL_MS",
+        type=float,
+        default=None,
+        help="emulated target prefill latency (default: --target-ms)",
+    )
+    add_flag(
+        p,
+        "--prompts",
+        env="DSI_BENCH_PROMPTS",
+        type=int,
+        default=None,
+        help="prompts per mode (default 4, max 8)",
+    )
+    add_flag(
+        p,
+        "--max-new-tokens",
+        env="DSI_BENCH_MAX_NEW_TOKENS",
+        type=int,
+        default=None,
+        help="tokens per generation (default 64)",
+    )
+    add_flag(
+        p,
+        "--out-dir",
+        env="DSI_BENCH_OUT_DIR",
+        default="bench-results",
+        help="where bench.json and the PNGs go",
+    )
+    add_flag(
+        p,
+        "--address",
+        env="DSI_BENCH_ADDRESS",
+        default="",
+        help="measure this running orchestrator instead of starting clusters (an oracle-drafter cluster is "
+        "one emulated cell: pass the --c-values and --target-ms it was started with)",
+    )
+    add_flag(
+        p,
+        "--skip-emulated",
+        env="DSI_BENCH_SKIP_EMULATED",
+        action="store_true",
+        help="skip the emulated grid",
+    )
+    add_flag(
+        p,
+        "--skip-real",
+        env="DSI_BENCH_SKIP_REAL",
+        action="store_true",
+        help="skip the real models and the HF baselines",
+    )
+    add_flag(
+        p,
+        "--skip-overhead",
+        env="DSI_BENCH_SKIP_OVERHEAD",
+        action="store_true",
+        help="skip the cancel-to-free probe",
+    )
+    add_flag(
+        p,
+        "--real-lookahead",
+        env="DSI_BENCH_REAL_LOOKAHEAD",
+        type=int,
+        default=5,
+        help="lookahead of the real-model run",
+    )
+    add_flag(
+        p,
+        "--hf-threads",
+        env="DSI_BENCH_HF_THREADS",
+        type=int,
+        default=1,
+        help="torch threads of the HF baselines (the services use 1 each)",
+    )
+    add_flag(
+        p,
+        "--quick",
+        env="DSI_BENCH_QUICK",
+        action="store_true",
+        help="2x2 grid (c 0.1,0.5; a 0.6,0.95), 2 prompts, 24 tokens; explicit flags still win",
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsi.bench.report import print_report, write_figures, write_json
+    from dsi.bench.runner import PROMPTS, BenchSettings, run_bench, total_steps
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    base = BenchSettings()
+    quick = _QUICK if ns.quick else {}
+
+    def pick(name: str, value: Any) -> Any:
+        return value if value is not None else quick.get(name, getattr(base, name))
+
+    s = BenchSettings(
+        targets=ns.targets,
+        c_values=pick("c_values", ns.c_values),
+        a_values=pick("a_values", ns.a_values),
+        target_ms=ns.target_ms,
+        prefill_ms=ns.prefill_ms,
+        prompts=pick("prompts", ns.prompts),
+        max_new_tokens=pick("max_new_tokens", ns.max_new_tokens),
+        out_dir=ns.out_dir,
+        address=ns.address,
+        skip_emulated=ns.skip_emulated,
+        skip_real=ns.skip_real,
+        skip_overhead=ns.skip_overhead,
+        real_lookahead=ns.real_lookahead,
+        hf_threads=ns.hf_threads,
+        cancel_trials=quick.get("cancel_trials", base.cancel_trials),
+        quick=ns.quick,
+    )
+    errors = []
+    if s.targets < 1:
+        errors.append("--targets must be >= 1")
+    if not 1 <= s.prompts <= len(PROMPTS):
+        errors.append(f"--prompts must be in 1..{len(PROMPTS)}")
+    if s.max_new_tokens < 2:
+        errors.append("--max-new-tokens must be >= 2")
+    if s.target_ms <= 0 or s.prefill < 0:
+        errors.append("--target-ms must be > 0 and --prefill-ms >= 0")
+    if any(not 0 < c for c in s.c_values):
+        errors.append("--c-values must be > 0")
+    if any(not 0 < a <= 1 for a in s.a_values):
+        errors.append("--a-values must be in (0, 1]")
+    if errors:
+        for e in errors:
+            print(f"dsi bench: {e}", file=sys.stderr)
+        return 2
+    # Piped or redirected output would otherwise be cut to 80 columns and the wide table truncated.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("dsi bench", total=total_steps(s))
+
+        def step(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+            if not err.is_terminal and "starting cluster" in what:  # no live bar: log each cluster
+                print(f"dsi bench: {what}", file=sys.stderr, flush=True)
+
+        result = run_bench(s, step)
+    print_report(result, console)
+    out = Path(s.out_dir)
+    paths = [write_json(result, out), *write_figures(result, out)]
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
