@@ -32,6 +32,7 @@ def _up(ns: argparse.Namespace) -> int:
         oracle_acceptance=ns.oracle_acceptance,
         lookahead=ns.lookahead,
         log_dir=ns.log_dir,
+        keep_logs=True,
     )
     if ns.targets < 1:
         print("dsi up: --targets must be >= 1", file=sys.stderr)

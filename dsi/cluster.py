@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,7 +70,8 @@ class ClusterSpec:
     emulate_drafter_ms: str = ""
     oracle_acceptance: float = 0.0
     lookahead: int = 5
-    log_dir: str = ""
+    log_dir: str = ""  # "" = a temporary directory, removed after a clean stop unless keep_logs
+    keep_logs: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
 
@@ -82,8 +84,10 @@ class LocalCluster:
         self.spec = spec
         self.processes: list[ServiceProcess] = []
         self.address = ""
+        self._own_log_dir = not spec.log_dir
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="dsi-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._failed = False
 
     def _spawn(self, name: str, args: list[str], port: int) -> ServiceProcess:
         log_path = self.log_dir / f"{name}.log"
@@ -157,6 +161,7 @@ class LocalCluster:
             self.address = orch.address
             return self.address
         except BaseException:
+            self._failed = True  # keep the logs: the error message points at them
             self.stop()
             raise
 
@@ -179,6 +184,8 @@ class LocalCluster:
                 sp.process.kill()
                 sp.process.wait()
         self.processes.clear()
+        if self._own_log_dir and not self._failed and not self.spec.keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         self.start()
