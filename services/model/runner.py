@@ -95,8 +95,11 @@ class ModelRunner:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
         self._job: Job | None = None
+        params = inspect.signature(loaded.model.forward).parameters
         # Architectures without logits_to_keep compute logits for every new token instead.
-        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(loaded.model.forward).parameters
+        self._supports_logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x names the KV cache argument `cache` (`past_key_values` is deprecated).
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._layers = find_decoder_layers(loaded.model, loaded.num_layers)
         for index, layer in enumerate(self._layers):
             layer.register_forward_pre_hook(self._make_hook(index))
@@ -186,10 +189,10 @@ class ModelRunner:
         del session.tokens[length:]
 
     def _model_forward(self, new: list[int], kv: Any, keep: int) -> Any:
-        input_ids = torch.tensor([new], dtype=torch.long, device=self.loaded.device)
+        kwargs: dict[str, Any] = {self._cache_kwarg: kv, "use_cache": True}
         if self._supports_logits_to_keep:
-            return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
-        return self.loaded.model(input_ids=input_ids, past_key_values=kv, use_cache=True)
+            kwargs["logits_to_keep"] = keep
+        return self.loaded.model(input_ids=torch.tensor([new], dtype=torch.long, device=self.loaded.device), **kwargs)
 
     def forward(self, job: Job, session_id: str, token_ids: list[int], first_logit: int) -> tuple[torch.Tensor, int]:
         """Logits predicting positions first_logit + 1 .. len(token_ids), reusing the session cache.
