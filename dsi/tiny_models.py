@@ -7,7 +7,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-EOS = "<|endoftext|>"
+from dsi.bpe import train_bpe_tokenizer
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,10 @@ def _corpus(max_chars: int = 300_000) -> list[str]:
 def build_tokenizer(vocab_size: int, out_dirs: list[Path]) -> int:
     """Train a byte-level BPE tokenizer and save it (HF format) into each directory; returns the
     real vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+    fast = train_bpe_tokenizer(_corpus(), vocab_size)
     for d in out_dirs:
         fast.save_pretrained(str(d))
-    return int(tok.get_vocab_size())
+    return len(fast)
 
 
 def build_tiny_pair(root: Path, spec: TinyPairSpec | None = None) -> tuple[Path, Path]:

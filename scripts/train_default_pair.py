@@ -34,7 +34,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-EOS_TOKEN = "<|endoftext|>"
+from dsi.bpe import EOS_TOKEN  # noqa: E402 - shared with the tiny test pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,29 +92,9 @@ def encode_stream(tok, texts: list[str]):
 # tokenizer
 # ----------------------------------------------------------------------------------------------
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from dsi.bpe import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=None,
-        clean_up_tokenization_spaces=False,
-        model_max_length=2048,
-    )
-    return fast
+    return train_bpe_tokenizer(texts, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
