@@ -122,6 +122,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             max_prompt_tokens=settings.max_prompt_tokens,
             max_lookahead=settings.max_lookahead,
             default_lookahead=settings.default_lookahead,
+            default_sp_degree=settings.default_sp_degree,
         )
         orchestrator = Orchestrator(pool, drafter_stub, tokenizer, limits, eos, settings.deadline_s, metrics)
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)

@@ -19,6 +19,7 @@ class OrchestratorSettings:
     max_prompt_tokens: int
     default_lookahead: int
     max_lookahead: int
+    default_sp_degree: int
     deadline_s: float
     health_interval_s: float
     startup_timeout_s: float
@@ -50,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="longest prompt accepted, in tokens")
     add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=int, default=5,
              help="drafts per verification window when the request does not say")
+    add_flag(parser, "--sp-degree", env=f"{env}_SP_DEGREE", type=int, default=0,
+             help="windows in flight per request when the request does not say (0 = every healthy target)")
     add_flag(parser, "--max-lookahead", env=f"{env}_MAX_LOOKAHEAD", type=int, default=64,
              help="largest lookahead a request may ask for")
     add_flag(parser, "--deadline-s", env=f"{env}_DEADLINE_S", type=float, default=60.0,
@@ -68,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
+    if ns.sp_degree < 0:
+        raise SystemExit(f"--sp-degree must be >= 0, got {ns.sp_degree}")
     targets = _split(ns.targets)
     if not targets:
         raise SystemExit("--targets is required (or DSI_ORCHESTRATOR_TARGETS): at least one target host:port")
@@ -81,6 +86,7 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_prompt_tokens=ns.max_prompt_tokens,
         default_lookahead=ns.lookahead,
         max_lookahead=ns.max_lookahead,
+        default_sp_degree=ns.sp_degree,
         deadline_s=ns.deadline_s,
         health_interval_s=ns.health_interval_s,
         startup_timeout_s=ns.startup_timeout_s,

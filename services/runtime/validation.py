@@ -117,6 +117,7 @@ class GenerateLimits:
     max_prompt_tokens: int
     max_lookahead: int
     default_lookahead: int
+    default_sp_degree: int = 0  # 0 = every healthy target
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: Generat
         max_new_tokens=request.max_new_tokens,
         mode=MODES[request.mode],
         lookahead=request.lookahead or limits.default_lookahead,
-        sp_degree=request.sp_degree,
+        sp_degree=request.sp_degree or limits.default_sp_degree,
         sampling=sampling,
         stop=tuple(request.stop),
         ignore_eos=request.ignore_eos,

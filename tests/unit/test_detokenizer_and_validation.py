@@ -110,3 +110,12 @@ def test_real_tokenizer_round_trip(tmp_path) -> None:
     assert streamed == source[: source.index("# ü")]
     t2 = IncrementalText(tok)
     assert "".join(t2.push(i) for i in ids) + t2.finish() == source
+
+
+def test_server_default_sp_degree_applies_when_the_request_has_none() -> None:
+    from dataclasses import replace
+
+    limits = replace(LIMITS, default_sp_degree=2)
+    assert validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5), limits).sp_degree == 2
+    req = orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, sp_degree=3)
+    assert validate_generate(req, limits).sp_degree == 3
