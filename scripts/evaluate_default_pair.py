@@ -33,6 +33,8 @@ import statistics
 import sys
 import time
 
+from dsi.acceptance import greedy_acceptance
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -59,28 +61,6 @@ def heldout_prompts(tok, texts: list[str], n: int, length: int) -> list[list[int
         s = max(0, min(s, len(ids) - length))
         prompts.append(ids[s : s + length])
     return prompts
-
-
-def greedy_acceptance(target, drafter, prompts: list[list[int]], gen_len: int) -> tuple[int, int]:
-    """(matches, total) of the drafter's greedy token vs the target's greedy token along the
-    target's greedy continuation of each prompt (prompts of equal length, batched)."""
-    import torch
-    from transformers import DynamicCache
-
-    x = torch.tensor(prompts, dtype=torch.long)
-    plen = x.size(1)
-    with torch.inference_mode():
-        cache = DynamicCache(config=target.config)
-        out = target(x, cache=cache, use_cache=True)
-        seq = x
-        for i in range(gen_len):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-            if i + 1 < gen_len:
-                out = target(nxt, cache=cache, use_cache=True)
-        draft = drafter(seq[:, :-1]).logits[:, plen - 1 :].argmax(-1)
-    match = draft == seq[:, plen:]
-    return int(match.sum()), match.numel()
 
 
 def sampled_acceptance(target, drafter, prompts, gen_len: int, seed: int, temperature: float = 1.0):
