@@ -23,6 +23,14 @@ class DraftRequest(_message.Message):
     return_probs: bool
     def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_probs: _Optional[bool] = ...) -> None: ...
 
+class DraftFlowRequest(_message.Message):
+    __slots__ = ("start", "grant")
+    START_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    start: DraftRequest
+    grant: int
+    def __init__(self, start: _Optional[_Union[DraftRequest, _Mapping]] = ..., grant: _Optional[int] = ...) -> None: ...
+
 class DraftResponse(_message.Message):
     __slots__ = ("token_id", "position", "probs")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class DrafterServiceStub:
                 request_serializer=dsi_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
                 response_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
                 _registered_method=True)
+        self.DraftFlow = channel.stream_stream(
+                '/dsi.v1.DrafterService/DraftFlow',
+                request_serializer=dsi_dot_v1_dot_drafter__pb2.DraftFlowRequest.SerializeToString,
+                response_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/dsi.v1.DrafterService/Info',
                 request_serializer=dsi_dot_v1_dot_drafter__pb2.DrafterInfoRequest.SerializeToString,
@@ -59,6 +64,17 @@ class DrafterServiceServicer:
     def Draft(self, request, context):
         """Streams draft tokens continuing token_ids, one message per token, until max_tokens have been
         sent or the call is cancelled (cancellation stops it before the next token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DraftFlow(self, request_iterator, context):
+        """Streams draft tokens under credit-based flow control, so one stream serves a whole epoch of
+        speculation. The first message starts it (its max_tokens is the initial credit); each later
+        message grants more drafts. With no credit left the drafter waits for a grant; the stream ends
+        when the caller half-closes and the credit is used up, or when the call is cancelled
+        (cancellation stops it before the next token, mid-forward if one is running).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +100,11 @@ def add_DrafterServiceServicer_to_server(servicer, server):
             'Draft': grpc.unary_stream_rpc_method_handler(
                     servicer.Draft,
                     request_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftRequest.FromString,
+                    response_serializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.SerializeToString,
+            ),
+            'DraftFlow': grpc.stream_stream_rpc_method_handler(
+                    servicer.DraftFlow,
+                    request_deserializer=dsi_dot_v1_dot_drafter__pb2.DraftFlowRequest.FromString,
                     response_serializer=dsi_dot_v1_dot_drafter__pb2.DraftResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
@@ -124,6 +145,33 @@ class DrafterService:
             target,
             '/dsi.v1.DrafterService/Draft',
             dsi_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
+            dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DraftFlow(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dsi.v1.DrafterService/DraftFlow',
+            dsi_dot_v1_dot_drafter__pb2.DraftFlowRequest.SerializeToString,
             dsi_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
             options,
             channel_credentials,

@@ -8,13 +8,16 @@ to sweep acceptance rates in benchmarks. It is labelled as such in ``Info`` and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 from collections.abc import AsyncGenerator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from services.model.runner import Job, ModelRunner
+from services.model.runner import ForwardCancelled, Job, ModelRunner
 from services.model.sampling import (
     Sampling,
     coupled_choice,
@@ -31,6 +34,141 @@ class DraftToken:
     token_id: int
     position: int
     probs: tuple[list[int], list[float]] | None = None
+
+
+class DraftFlow:
+    """Drafts continuing a prefix for as long as the caller grants credit.
+
+    Each draft step is queued on the model's worker thread by the step before it, as soon as that
+    one finishes, so drafting runs at model speed with no event-loop round trip between drafts; the
+    event loop only receives the tokens. With no credit left the flow idles (freeing the worker for
+    other sessions) until ``grant``; ``end_grants`` lets it finish once the credit is used; ``close``
+    stops it before the next token (mid-forward when one is running).
+    """
+
+    def __init__(
+        self,
+        engine: DrafterEngine,
+        session_id: str,
+        token_ids: list[int],
+        credit: int,
+        sampling: Sampling,
+        return_probs: bool,
+    ) -> None:
+        self._engine = engine
+        self._session_id = session_id
+        self._seq = list(token_ids)
+        self._sampling = sampling
+        self._return_probs = return_probs
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[DraftToken | BaseException | None] = asyncio.Queue()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._credit = 0
+        self._running = False  # a step is queued or running on the worker
+        self._grants_ended = False
+        self._finished = False  # the end (None) or an error was queued
+        engine.runner.counters.calls += 1
+        self.grant(credit)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence so far (prefix + drafts produced)."""
+        return len(self._seq)
+
+    @property
+    def credit(self) -> int:
+        """Drafts granted and not produced yet."""
+        return self._credit
+
+    def grant(self, n: int) -> None:
+        """Allow n more drafts."""
+        with self._lock:
+            self._credit += n
+            start = not self._running and self._credit > 0 and not self._cancel.is_set()
+            self._running = self._running or start
+        if start:
+            self._submit()
+
+    def end_grants(self) -> None:
+        """No more grants will come: the flow ends when its credit is used."""
+        with self._lock:
+            self._grants_ended = True
+            end = not self._running and self._credit == 0
+        if end:
+            self._finish(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """End the flow with this error (e.g. an invalid grant) and stop drafting."""
+        self._cancel.set()
+        self._finish(exc)
+
+    def close(self) -> None:
+        """Stop drafting: a queued step never starts, a running forward stops at its next layer."""
+        if not self._cancel.is_set():
+            self._cancel.set()
+            if not self._finished:
+                self._engine.runner.counters.cancelled += 1
+
+    async def tokens(self) -> AsyncGenerator[DraftToken, None]:
+        """The drafts, in order, until the flow ends; closing the generator closes the flow."""
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def _deliver(self, item: DraftToken | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed (shutdown)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _finish(self, item: BaseException | None) -> None:
+        with self._lock:
+            first, self._finished = not self._finished, True
+        if first:
+            self._deliver(item)
+
+    def _submit(self) -> None:
+        step = functools.partial(
+            self._engine._step,
+            session_id=self._session_id,
+            seq=list(self._seq),
+            s=self._sampling,
+            return_probs=self._return_probs,
+        )
+        try:
+            self._engine.runner.submit(Job(cancel=self._cancel), step, self._stepped)
+        except RuntimeError as exc:  # the runner is shutting down
+            self._finish(exc)
+
+    def _stepped(self, fut: Future[DraftToken]) -> None:
+        if fut.cancelled():  # the runner shut down with this step queued
+            self._finish(RuntimeError("the model runner is shutting down"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if not isinstance(exc, ForwardCancelled):
+                self._finish(exc)
+            return
+        token = fut.result()
+        self._seq.append(token.token_id)
+        self._deliver(token)
+        with self._lock:
+            self._credit -= 1
+            more = self._credit > 0 and not self._cancel.is_set()
+            self._running = more
+            end = not more and self._grants_ended and self._credit == 0
+        if more:
+            self._submit()
+        elif end:
+            self._finish(None)
 
 
 class DrafterEngine:
@@ -50,24 +188,21 @@ class DrafterEngine:
             return DraftToken(token, position, sparse_from_dense(q))
         return DraftToken(coupled_choice(logits, [position], s)[0], position)
 
+    def flow(
+        self, session_id: str, token_ids: list[int], credit: int, sampling: Sampling, return_probs: bool
+    ) -> DraftFlow:
+        """A flow of drafts continuing token_ids, ``credit`` of them before the next grant."""
+        return DraftFlow(self, session_id, token_ids, credit, sampling, return_probs)
+
     async def draft(
         self, session_id: str, token_ids: list[int], max_tokens: int, sampling: Sampling, return_probs: bool
     ) -> AsyncGenerator[DraftToken, None]:
         """Yield up to max_tokens drafts continuing token_ids; stops before the next token on cancel."""
-        runner = self.runner
-        runner.counters.calls += 1
-        seq = list(token_ids)
-        try:
-            for _ in range(max_tokens):
-                step = functools.partial(
-                    self._step, session_id=session_id, seq=list(seq), s=sampling, return_probs=return_probs
-                )
-                token = await runner.run(step)
-                seq.append(token.token_id)
+        flow = self.flow(session_id, token_ids, max_tokens, sampling, return_probs)
+        flow.end_grants()
+        async with contextlib.aclosing(flow.tokens()) as tokens:
+            async for token in tokens:
                 yield token
-        except (asyncio.CancelledError, GeneratorExit):
-            runner.counters.cancelled += 1
-            raise
 
     async def release(self, session_id: str) -> bool:
         return await self.runner.release(session_id)

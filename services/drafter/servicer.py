@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
-from services.drafter.engine import DrafterEngine
-from services.runtime.errors import grpc_errors
+from services.drafter.engine import DrafterEngine, DraftToken
+from services.runtime.errors import InvalidArgument, grpc_errors
 from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
-from services.runtime.validation import validate_draft
+from services.runtime.validation import validate_draft, validate_draft_grant
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
@@ -36,10 +37,42 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         )
         async with contextlib.aclosing(drafts):  # a cancel while waiting in `yield` closes the engine too
             async for token in drafts:
-                msg = drafter_pb2.DraftResponse(token_id=token.token_id, position=token.position)
-                if token.probs is not None:
-                    msg.probs.CopyFrom(common_pb2.SparseDistribution(token_ids=token.probs[0], probs=token.probs[1]))
-                yield msg
+                yield _response(token)
+
+    @grpc_errors
+    async def DraftFlow(
+        self, request_iterator: AsyncIterator[drafter_pb2.DraftFlowRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[drafter_pb2.DraftResponse]:
+        engine = self._engine()
+        requests = request_iterator.__aiter__()
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidArgument("start", "the first message must start the flow")
+        start = first.start
+        sampling = validate_draft(start, engine.runner.loaded.vocab_size, self.max_sequence_tokens, self.max_drafts)
+        flow = engine.flow(start.session_id, list(start.token_ids), start.max_tokens, sampling, start.return_probs)
+
+        async def read_grants() -> None:
+            try:
+                async for msg in requests:
+                    if msg.WhichOneof("kind") != "grant":
+                        raise InvalidArgument("start", "only the first message may start the flow")
+                    flow.grant(
+                        validate_draft_grant(
+                            msg.grant, flow.credit, flow.length, self.max_drafts, self.max_sequence_tokens
+                        )
+                    )
+                flow.end_grants()
+            except InvalidArgument as exc:
+                flow.fail(exc)
+
+        reader = asyncio.ensure_future(read_grants())
+        try:
+            async with contextlib.aclosing(flow.tokens()) as tokens:
+                async for token in tokens:
+                    yield _response(token)
+        finally:
+            reader.cancel()
 
     @grpc_errors
     async def Info(
@@ -57,3 +90,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         self, request: drafter_pb2.DrafterReleaseRequest, context: grpc.aio.ServicerContext
     ) -> drafter_pb2.DrafterReleaseResponse:
         return drafter_pb2.DrafterReleaseResponse(released=await self._engine().release(request.session_id))
+
+
+def _response(token: DraftToken) -> drafter_pb2.DraftResponse:
+    msg = drafter_pb2.DraftResponse(token_id=token.token_id, position=token.position)
+    if token.probs is not None:
+        msg.probs.CopyFrom(common_pb2.SparseDistribution(token_ids=token.probs[0], probs=token.probs[1]))
+    return msg

@@ -6,9 +6,10 @@ pre-hook on every decoder layer checks it and raises ``ForwardCancelled``. The s
 cropped back, layer by layer, to exactly its state before the call (or dropped when a layer type
 cannot be cropped), so the next call on the session sees a consistent cache.
 
-Latency emulation pads a forward pass to at least the configured wall time by sleeping, spread over
-the layers and interruptible by the stop flag, so parallel instances on a small machine overlap as
-they would on separate devices and cancellation still lands mid-forward.
+Latency emulation pads a job (its forward pass and choosing tokens from the logits, the work a
+device does for one step) to at least the configured wall time by sleeping, spread over the layers
+and interruptible by the stop flag, so parallel instances on a small machine overlap as they would
+on separate devices and cancellation still lands mid-forward.
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ class Job:
     t0: float = 0.0
     compute_s: float = 0.0
     queue_s: float = 0.0
+
+
+# Timed waits overshoot by 0.1-0.2 ms on a VM; the last part of an emulated latency is spun instead
+# (yielding the GIL), as a CUDA stream synchronize spins, so the padding ends on time.
+_SPIN_S = 0.0003
+
+
+def _sleep_until(deadline: float, cancel: threading.Event) -> bool:
+    """Wait until the perf_counter deadline; True as soon as ``cancel`` is set."""
+    rest = deadline - time.perf_counter() - _SPIN_S
+    if rest > 0 and cancel.wait(rest):
+        return True
+    while time.perf_counter() < deadline:
+        if cancel.is_set():
+            return True
+        time.sleep(0)
+    return False
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
@@ -133,6 +151,18 @@ class ModelRunner:
             job.cancel.set()
             raise
 
+    def submit(self, job: Job, fn: Callable[[Job], T], on_done: Callable[[Future[T]], None]) -> None:
+        """Queue ``fn(job)`` on the worker thread without an event-loop round trip; ``on_done`` gets
+        its future, on the worker thread, and may submit the next job at once (the queue is FIFO, so
+        chains of jobs from several callers interleave fairly). Setting ``job.cancel`` stops it."""
+        submitted = time.perf_counter()
+
+        def work() -> T:
+            job.queue_s = time.perf_counter() - submitted
+            return self._run_job(job, fn)
+
+        self._executor.submit(work).add_done_callback(on_done)
+
     async def release(self, session_id: str) -> bool:
         return await asyncio.wrap_future(self._executor.submit(self.sessions.drop, session_id))
 
@@ -146,13 +176,26 @@ class ModelRunner:
         self._job = job
         try:
             with torch.inference_mode():
-                return fn(job)
+                result = fn(job)
+            self._pad_rest(job)
+            return result
         except ForwardCancelled:
             self.counters.cancelled_mid_forward += 1
             self.counters.cancelled_compute_s += job.compute_s
             raise
         finally:
             self._job = None
+
+    def _pad_rest(self, job: Job) -> None:
+        """Latency emulation: sleep out the rest of the job's padded latency. The job (its forward and
+        choosing tokens from the logits, which a device does as part of the step) then took at least
+        the emulated latency; the session cache is already valid, so a cancel here only skips the wait."""
+        if job.pad_s <= 0:
+            return
+        cancelled = _sleep_until(job.t0 + job.pad_s, job.cancel)
+        job.compute_s = time.perf_counter() - job.t0
+        if cancelled:
+            raise ForwardCancelled("stopped during emulated latency")
 
     def _make_hook(self, index: int) -> Callable[[nn.Module, Any], None]:
         n = len(self._layers)
@@ -212,10 +255,6 @@ class ModelRunner:
         job.t0 = time.perf_counter()
         try:
             out = self._model_forward(new, session.kv, keep)
-            rest = job.t0 + job.pad_s - time.perf_counter()
-            if rest > 0 and job.cancel.wait(rest):
-                session.tokens = list(token_ids)  # the forward itself completed: the cache is valid
-                raise ForwardCancelled("stopped during emulated latency")
         except ForwardCancelled:
             if len(session.tokens) != len(token_ids):
                 self._crop(session, start)

@@ -1,23 +1,37 @@
-"""The scheduler's DrafterClient over gRPC: one server stream per drafter run, cancelled for real."""
+"""The scheduler's DrafterClient over gRPC: one DraftFlow stream per drafter run, with credits sent
+as the scheduler grants them, cancelled for real."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-
-import grpc
 
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.orchestrator.scheduler import Draft
 
 
 class GrpcDraftStream:
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
-        self.call = call
+    def __init__(
+        self, stub: drafter_pb2_grpc.DrafterServiceStub, start: drafter_pb2.DraftRequest, timeout: float
+    ) -> None:
+        self._requests: asyncio.Queue[drafter_pb2.DraftFlowRequest | None] = asyncio.Queue()
+        self._requests.put_nowait(drafter_pb2.DraftFlowRequest(start=start))
+        self.call = stub.DraftFlow(self._outgoing(), timeout=timeout)
+
+    async def _outgoing(self) -> AsyncIterator[drafter_pb2.DraftFlowRequest]:
+        while (msg := await self._requests.get()) is not None:
+            yield msg
 
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
         async for msg in self.call:
             probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
             yield Draft(msg.token_id, probs)
+
+    def grant(self, n: int) -> None:
+        self._requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=n))
+
+    def end_grants(self) -> None:
+        self._requests.put_nowait(None)  # half-close: the stream ends when its credit is used
 
     def cancel(self) -> None:
         # Breaking out of `async for` does not cancel a grpc.aio stream; this does.
@@ -46,4 +60,4 @@ class GrpcDrafterClient:
             sampling=self.sampling,
             return_probs=return_probs,
         )
-        return GrpcDraftStream(self.stub.Draft(request, timeout=self.deadline_s))
+        return GrpcDraftStream(self.stub, request, self.deadline_s)

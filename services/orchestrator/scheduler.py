@@ -84,7 +84,17 @@ class TargetClient(Protocol):
 
 
 class DraftStream(Protocol):
+    """Drafts under credit: the stream may send as many drafts as it was opened with plus granted."""
+
     def __aiter__(self) -> AsyncIterator[Draft]: ...
+
+    def grant(self, n: int) -> None:
+        """Allow n more drafts (the stream waits, idle, while it has no credit)."""
+        ...
+
+    def end_grants(self) -> None:
+        """No more grants: the stream ends once its credit is used."""
+        ...
 
     def cancel(self) -> None:
         """Stop the stream (a real cancel of the remote call)."""
@@ -93,7 +103,7 @@ class DraftStream(Protocol):
 
 class DrafterClient(Protocol):
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> DraftStream:
-        """Start streaming up to max_tokens drafts continuing prefix."""
+        """Start streaming drafts continuing prefix, max_tokens of them before the next grant."""
         ...
 
 
@@ -180,7 +190,7 @@ class _Epoch:
     decided: int = 0  # positions decided in this epoch (the committed sequence is base + decided long)
     stream: DraftStream | None = None
     reader: asyncio.Task[None] | None = None
-    drafter_done: bool = False  # the current stream ended (cap reached)
+    requested: int = 0  # drafts asked of the drafter in this epoch (received + credit outstanding)
     # Draft arrivals, drafter stream ends and window completions of this epoch, in arrival order.
     events: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
 
@@ -321,6 +331,7 @@ class Scheduler:
     async def _collect_drafts(self, base: int, count: int) -> list[Draft]:
         assert self.drafter is not None
         stream = self.drafter.open(self.session_id, list(self.seq), count, self.cfg.rejection)
+        stream.end_grants()
         drafts: list[Draft] = []
         try:
             async for d in stream:
@@ -365,9 +376,9 @@ class Scheduler:
             while True:
                 kind, payload = await ep.events.get()
                 if kind == "draft_end":
-                    if payload is ep.stream:
-                        ep.drafter_done = True
+                    if payload is ep.stream:  # ended early (drafter failed): no more drafts on it
                         ep.stream = None
+                        ep.requested = len(ep.drafts)
                         self._open_drafter(ep, sp)
                     continue
                 elif kind == "window":
@@ -426,18 +437,23 @@ class Scheduler:
                 return
 
     def _open_drafter(self, ep: _Epoch, sp: int) -> None:
-        """Keep a drafter stream open while it is less than (SP + 1) x L drafts ahead: enough for every
-        window that may be in flight plus the next one (with SP x L, a single target would starve it)."""
-        if self.drafter is None or ep.stream is not None or self._done():
+        """Keep the drafter at most (SP + 1) x L drafts ahead of the decided position: enough for every
+        window that may be in flight plus the next one (with SP x L, a single target would starve it).
+        One stream serves the epoch: it is opened with the first credit and granted more as windows
+        are applied, so the drafter never waits for a new call between windows."""
+        if self.drafter is None or self._done():
             return
-        ahead = len(ep.drafts) - ep.decided
-        room = min((sp + 1) * self.cfg.lookahead - ahead, self._remaining() + ep.decided - len(ep.drafts))
+        ahead = ep.requested - ep.decided
+        room = min((sp + 1) * self.cfg.lookahead - ahead, self._remaining() + ep.decided - ep.requested)
         if room <= 0:
+            return
+        ep.requested += room
+        if ep.stream is not None:
+            ep.stream.grant(room)
             return
         prefix = self.seq[: ep.base] + [d.token_id for d in ep.drafts]
         stream = self.drafter.open(self.session_id, prefix, room, self.cfg.rejection)
         ep.stream = stream
-        ep.drafter_done = False
         ep.reader = asyncio.ensure_future(self._read_drafts(ep, stream))
 
     async def _read_drafts(self, ep: _Epoch, stream: DraftStream) -> None:

@@ -110,6 +110,18 @@ def validate_draft(request: Any, vocab_size: int, max_tokens: int, max_drafts: i
     return sampling_from_pb(request.sampling)
 
 
+def validate_draft_grant(grant: int, credit: int, length: int, max_drafts: int, max_tokens: int) -> int:
+    """A DraftFlow grant: >= 1, the unused credit stays <= max_drafts and the sequence can still
+    grow by all of it within max_tokens (``length`` = prefix + drafts produced so far)."""
+    if grant < 1:
+        raise InvalidArgument("grant", f"must be >= 1, got {grant}")
+    if credit + grant > max_drafts:
+        raise InvalidArgument("grant", f"unused credit would be {credit + grant}, at most {max_drafts}")
+    if length + credit + grant > max_tokens:
+        raise InvalidArgument("grant", f"the sequence would exceed {max_tokens} tokens")
+    return grant
+
+
 @dataclass(frozen=True)
 class GenerateLimits:
     vocab_size: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from services.model.runner import ModelRunner
+from services.model.runner import Job, ModelRunner
 from services.model.sampling import Sampling, coupled_choice, dense_from_sparse, rejection_verify
 
 
@@ -37,7 +37,10 @@ class TargetEngine:
         runner = self.runner
         runner.counters.calls += 1
 
-        def job(j):  # type: ignore[no-untyped-def]
+        jobs: list[Job] = []
+
+        def job(j: Job) -> tuple[list[int], int]:
+            jobs.append(j)
             logits, cached = runner.forward(j, call.session_id, call.token_ids, call.first_position - 1)
             positions = list(range(call.first_position, len(call.token_ids) + 1))
             s = call.sampling
@@ -47,13 +50,15 @@ class TargetEngine:
                 tokens = rejection_verify(logits, call.token_ids[call.first_position :], q, call.first_position, s)
             else:
                 tokens = coupled_choice(logits, positions, s)
-            return VerifyResult(tokens, cached, j.queue_s, j.compute_s)
+            return tokens, cached
 
         try:
-            return await runner.run(job)
+            tokens, cached = await runner.run(job)
         except asyncio.CancelledError:
             runner.counters.cancelled += 1
             raise
+        # Read after the run: compute_s includes the rest of an emulated latency.
+        return VerifyResult(tokens, cached, jobs[0].queue_s, jobs[0].compute_s)
 
     async def release(self, session_id: str) -> bool:
         return await self.runner.release(session_id)

@@ -132,6 +132,104 @@ def test_cancelled_draft_stream_stops_producing(tiny_pair: tuple[Path, Path], lo
         svc.stop()
 
 
+def test_draft_flow_follows_credit_and_equals_draft(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    """DraftFlow sends exactly the credit granted, idles (computing nothing) without credit, resumes
+    on a grant, ends after half-close once the credit is used, and gives Draft's tokens."""
+    _, drafter_dir = tiny_pair
+    svc = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], log_dir)
+    prefix = [5, 6, 7, 8]
+
+    async def scenario() -> tuple[list[int], list[int], int, int]:
+        async with grpc.aio.insecure_channel(svc.address) as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            reference = [m.token_id async for m in stub.Draft(
+                drafter_pb2.DraftRequest(session_id="ref", token_ids=prefix, max_tokens=9), timeout=30)]
+            requests: asyncio.Queue[drafter_pb2.DraftFlowRequest | None] = asyncio.Queue()
+
+            async def outgoing():
+                while (msg := await requests.get()) is not None:
+                    yield msg
+
+            requests.put_nowait(drafter_pb2.DraftFlowRequest(
+                start=drafter_pb2.DraftRequest(session_id="flow", token_ids=prefix, max_tokens=3)))
+            call = stub.DraftFlow(outgoing(), timeout=30)
+            responses = call.__aiter__()
+            got = [(await anext(responses)).token_id for _ in range(3)]
+            await asyncio.sleep(0.5)  # no credit: the drafter must idle
+            idle_before = (await stub.Info(drafter_pb2.DrafterInfoRequest())).counters.forwards_completed
+            await asyncio.sleep(0.3)
+            idle_after = (await stub.Info(drafter_pb2.DrafterInfoRequest())).counters.forwards_completed
+            requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=4))
+            requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=2))
+            requests.put_nowait(None)  # half-close: the stream ends after the last 6 drafts
+            got += [m.token_id async for m in responses]
+            assert await call.code() == grpc.StatusCode.OK
+            return reference, got, idle_before, idle_after
+
+    try:
+        reference, got, idle_before, idle_after = asyncio.run(scenario())
+        assert got == reference  # 3 + 4 + 2 drafts, the same tokens as one Draft call
+        assert idle_after == idle_before
+    finally:
+        svc.stop()
+
+
+def test_cancelled_draft_flow_stops_producing(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    _, drafter_dir = tiny_pair
+    svc = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1",
+                                    "--emulate-latency-ms", "100:100"], log_dir)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(svc.address) as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+
+            async def outgoing():
+                yield drafter_pb2.DraftFlowRequest(
+                    start=drafter_pb2.DraftRequest(session_id="d", token_ids=[1, 2, 3], max_tokens=50))
+                await asyncio.sleep(60)
+
+            call = stub.DraftFlow(outgoing(), timeout=60)
+            for _ in range(2):
+                await call.read()
+            call.cancel()
+            await asyncio.sleep(0.5)
+            first = (await stub.Info(drafter_pb2.DrafterInfoRequest())).counters
+            await asyncio.sleep(0.6)
+            second = (await stub.Info(drafter_pb2.DrafterInfoRequest())).counters
+            assert first.cancelled == 1
+            assert second.forwards_completed == first.forwards_completed  # nothing more is computed
+            assert first.forwards_completed <= 4  # 2 read, at most one more in progress
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        svc.stop()
+
+
+def test_draft_flow_rejects_bad_grants(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    _, drafter_dir = tiny_pair
+    svc = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], log_dir)
+    start = drafter_pb2.DraftFlowRequest(start=drafter_pb2.DraftRequest(session_id="s", token_ids=[1], max_tokens=1))
+    cases = [
+        ([drafter_pb2.DraftFlowRequest(grant=2)], "start"),  # no start message
+        ([start, drafter_pb2.DraftFlowRequest(grant=0)], "grant"),
+        ([start, drafter_pb2.DraftFlowRequest(grant=10**6)], "grant"),
+        ([start, start], "start"),
+        ([drafter_pb2.DraftFlowRequest(start=drafter_pb2.DraftRequest(session_id="s", token_ids=[1], max_tokens=0))],
+         "max_tokens"),
+    ]
+    try:
+        with grpc.insecure_channel(svc.address) as ch:
+            stub = drafter_pb2_grpc.DrafterServiceStub(ch)
+            for messages, field in cases:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.DraftFlow(iter(messages), timeout=30))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (messages, err.value)
+                assert field in err.value.details()
+    finally:
+        svc.stop()
+
+
 def test_model_services_reject_bad_input(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
     target_dir, drafter_dir = tiny_pair
     target = start_service("target", ["--model", str(target_dir), "--threads", "1"], log_dir)

@@ -91,29 +91,52 @@ class FakeTarget:
 
 
 class FakeStream:
+    """A credit-based draft stream: sends as many drafts as granted, waits idle for more grants,
+    ends once its credit is used after ``end_grants``."""
+
     def __init__(self, drafter: FakeDrafter, prefix: list[int], max_tokens: int) -> None:
         self.drafter = drafter
         self.prefix = list(prefix)
-        self.max_tokens = max_tokens
+        self.credit = max_tokens
+        self.grants: list[int] = [max_tokens]
+        self.grants_ended = False
         self.cancelled = False
+        self._wake = asyncio.Event()
+
+    def grant(self, n: int) -> None:
+        assert n >= 1, n
+        self.credit += n
+        self.grants.append(n)
+        self._wake.set()
+
+    def end_grants(self) -> None:
+        self.grants_ended = True
+        self._wake.set()
 
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
             self.drafter.cancels += 1
+            self._wake.set()
 
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
         seq = list(self.prefix)
-        for _ in range(self.max_tokens):
-            if self.cancelled:
+        while True:
+            while self.credit == 0 and not self.grants_ended and not self.cancelled:
+                self._wake.clear()
+                await self._wake.wait()
+            if self.cancelled or self.credit == 0:
                 return
             await asyncio.sleep(self.drafter.latency)
+            if self.cancelled:
+                return
             if self.drafter.fail_after is not None and self.drafter.produced >= self.drafter.fail_after:
                 raise ConnectionError("drafter died")
             right = target_token(seq)
             pos = len(seq)
             token = right if coin(pos, self.drafter.salt) < self.drafter.acceptance else (right + 1) % VOCAB
             seq.append(token)
+            self.credit -= 1
             self.drafter.produced += 1
             yield Draft(token)
 
@@ -128,9 +151,13 @@ class FakeDrafter:
     opened: int = 0
     fail_after: int | None = None
 
+    streams: list[FakeStream] = field(default_factory=list)
+
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> FakeStream:
         self.opened += 1
-        return FakeStream(self, prefix, max_tokens)
+        stream = FakeStream(self, prefix, max_tokens)
+        self.streams.append(stream)
+        return stream
 
 
 def reference(prompt: list[int], n: int) -> list[int]:

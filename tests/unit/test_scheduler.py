@@ -95,6 +95,30 @@ def test_backpressure_limits_drafts_ahead() -> None:
     assert stats.drafts_proposed <= 40 + (2 + 1) * 3 + 3
 
 
+def test_one_drafter_stream_per_epoch_with_credit_grants() -> None:
+    # Every draft accepted: one epoch, one stream, kept going by grants (never reopened), and the
+    # drafter is never granted more than (SP + 1) x L drafts beyond the decided position.
+    target = FakeTarget(instances=2, latency=1.0)
+    drafter = FakeDrafter(latency=0.05, acceptance=1.0)
+    ids, _, stats, _ = generate("dsi", target, drafter, n=60, lookahead=3)
+    assert ids == reference(PROMPT, 60)
+    assert stats.epochs == 1
+    assert drafter.opened == 1
+    (stream,) = drafter.streams
+    assert len(stream.grants) > 3
+    assert stream.grants[0] == (2 + 1) * 3
+    assert sum(stream.grants) <= 60
+    assert stats.drafts_proposed <= sum(stream.grants)
+
+
+def test_rejections_open_one_stream_per_epoch() -> None:
+    drafter = FakeDrafter(latency=0.05, acceptance=0.6)
+    _, _, stats, _ = generate("dsi", FakeTarget(instances=3, latency=1.0), drafter, n=60, lookahead=3)
+    assert stats.epochs > 3
+    assert drafter.opened <= stats.epochs
+    assert all(s.cancelled or s.credit == 0 for s in drafter.streams)
+
+
 @pytest.mark.parametrize("c", [0.05, 0.1, 0.2, 0.5])
 @pytest.mark.parametrize("acceptance", [0.0, 0.3, 0.6, 0.8, 0.95])
 def test_dsi_never_slower_than_si_or_nonsi(c: float, acceptance: float) -> None:
