@@ -68,18 +68,15 @@ class DraftFlow:
         self._running = False  # a step is queued or running on the worker
         self._grants_ended = False
         self._finished = False  # the end (None) or an error was queued
+        self._cancel_counted = False
         engine.runner.counters.calls += 1
         self.grant(credit)
 
-    @property
-    def length(self) -> int:
-        """Tokens in the sequence so far (prefix + drafts produced)."""
-        return len(self._seq)
-
-    @property
-    def credit(self) -> int:
-        """Drafts granted and not produced yet."""
-        return self._credit
+    def snapshot(self) -> tuple[int, int]:
+        """(drafts granted and not produced yet, tokens in the sequence so far), read together: their
+        sum only grows with grants."""
+        with self._lock:
+            return self._credit, len(self._seq)
 
     def grant(self, n: int) -> None:
         """Allow n more drafts."""
@@ -108,7 +105,13 @@ class DraftFlow:
         if not self._cancel.is_set():
             self._cancel.set()
             if not self._finished:
-                self._engine.runner.counters.cancelled += 1
+                self.count_cancel()
+
+    def count_cancel(self) -> None:
+        """Count this flow as cancelled by its caller (once)."""
+        if not self._cancel_counted:
+            self._cancel_counted = True
+            self._engine.runner.counters.cancelled += 1
 
     async def tokens(self) -> AsyncGenerator[DraftToken, None]:
         """The drafts, in order, until the flow ends; closing the generator closes the flow."""
@@ -158,10 +161,11 @@ class DraftFlow:
                 self._finish(exc)
             return
         token = fut.result()
-        self._seq.append(token.token_id)
-        self._deliver(token)
         with self._lock:
+            self._seq.append(token.token_id)
             self._credit -= 1
+            # Queued before `running` drops, so an end marker from end_grants() can only follow it.
+            self._deliver(token)
             more = self._credit > 0 and not self._cancel.is_set()
             self._running = more
             end = not more and self._grants_ended and self._credit == 0

@@ -56,14 +56,15 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             try:
                 async for msg in requests:
                     if msg.WhichOneof("kind") != "grant":
-                        raise InvalidArgument("start", "only the first message may start the flow")
+                        raise InvalidArgument("grant", "every message after the first must be a grant")
+                    credit, length = flow.snapshot()
                     flow.grant(
-                        validate_draft_grant(
-                            msg.grant, flow.credit, flow.length, self.max_drafts, self.max_sequence_tokens
-                        )
+                        validate_draft_grant(msg.grant, credit, length, self.max_drafts, self.max_sequence_tokens)
                     )
+                # The caller half-closed (or cancelled: grpc ends the request stream first): no more
+                # credit will come, so the flow ends once the credit it has is used.
                 flow.end_grants()
-            except InvalidArgument as exc:
+            except Exception as exc:  # noqa: BLE001 - ends the call with its status (grpc_errors)
                 flow.fail(exc)
 
         reader = asyncio.ensure_future(read_grants())
@@ -71,6 +72,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             async with contextlib.aclosing(flow.tokens()) as tokens:
                 async for token in tokens:
                     yield _response(token)
+        except asyncio.CancelledError:
+            flow.count_cancel()  # also when the flow had already ended, idle, at the end of the requests
+            raise
         finally:
             reader.cancel()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
+
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.orchestrator.scheduler import Draft
 
@@ -23,9 +25,18 @@ class GrpcDraftStream:
             yield msg
 
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
-        async for msg in self.call:
-            probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
-            yield Draft(msg.token_id, probs)
+        try:
+            async for msg in self.call:
+                probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
+                yield Draft(msg.token_id, probs)
+        except grpc.aio.AioRpcError as exc:
+            # A stream serves a whole epoch, which may outlast the per-call deadline: that ends this
+            # stream (the scheduler opens a new one from the drafts so far), not the drafter.
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            # Once the call is over, cancel() no longer stops the request generator: end it here.
+            self._requests.put_nowait(None)
 
     def grant(self, n: int) -> None:
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=n))

@@ -107,6 +107,8 @@ def validate_draft(request: Any, vocab_size: int, max_tokens: int, max_drafts: i
         raise InvalidArgument("token_ids", f"at most {max_tokens} tokens, got {len(ids)}")
     if not 1 <= request.max_tokens <= max_drafts:
         raise InvalidArgument("max_tokens", f"must be in [1, {max_drafts}], got {request.max_tokens}")
+    if len(ids) + request.max_tokens > max_tokens:
+        raise InvalidArgument("max_tokens", f"the sequence would exceed {max_tokens} tokens")
     return sampling_from_pb(request.sampling)
 
 

@@ -214,7 +214,8 @@ def test_draft_flow_rejects_bad_grants(tiny_pair: tuple[Path, Path], log_dir: Pa
         ([drafter_pb2.DraftFlowRequest(grant=2)], "start"),  # no start message
         ([start, drafter_pb2.DraftFlowRequest(grant=0)], "grant"),
         ([start, drafter_pb2.DraftFlowRequest(grant=10**6)], "grant"),
-        ([start, start], "start"),
+        ([start, start], "grant"),  # a second start
+        ([start, drafter_pb2.DraftFlowRequest()], "grant"),  # neither start nor grant
         ([drafter_pb2.DraftFlowRequest(start=drafter_pb2.DraftRequest(session_id="s", token_ids=[1], max_tokens=0))],
          "max_tokens"),
     ]

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from dsi.v1 import orchestrator_pb2
+from dsi.v1 import drafter_pb2, orchestrator_pb2
 from services.orchestrator.detokenizer import IncrementalText
 from services.runtime.errors import InvalidArgument
-from services.runtime.validation import GenerateLimits, validate_generate
+from services.runtime.validation import GenerateLimits, validate_draft, validate_draft_grant, validate_generate
 
 pytestmark = pytest.mark.unit
 
@@ -119,3 +119,33 @@ def test_server_default_sp_degree_applies_when_the_request_has_none() -> None:
     assert validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5), limits).sp_degree == 2
     req = orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, sp_degree=3)
     assert validate_generate(req, limits).sp_degree == 3
+
+
+@pytest.mark.parametrize(
+    ("grant", "credit", "length", "ok"),
+    [
+        (1, 0, 10, True),
+        (4, 4, 10, True),  # unused credit reaches max_drafts (8) exactly
+        (0, 0, 10, False),
+        (-3, 0, 10, False),
+        (5, 4, 10, False),  # unused credit would be 9 > 8
+        (2, 0, 99, False),  # 99 + 2 > 100 tokens
+        (1, 0, 99, True),
+    ],
+)
+def test_draft_flow_grants_are_bounded(grant: int, credit: int, length: int, ok: bool) -> None:
+    if ok:
+        assert validate_draft_grant(grant, credit, length, max_drafts=8, max_tokens=100) == grant
+    else:
+        with pytest.raises(InvalidArgument) as err:
+            validate_draft_grant(grant, credit, length, max_drafts=8, max_tokens=100)
+        assert err.value.field == "grant"
+
+
+def test_draft_start_may_not_run_past_the_sequence_limit() -> None:
+    ok = drafter_pb2.DraftRequest(session_id="s", token_ids=[1] * 90, max_tokens=10)
+    validate_draft(ok, vocab_size=50, max_tokens=100, max_drafts=64)
+    too_long = drafter_pb2.DraftRequest(session_id="s", token_ids=[1] * 95, max_tokens=10)
+    with pytest.raises(InvalidArgument) as err:
+        validate_draft(too_long, vocab_size=50, max_tokens=100, max_drafts=64)
+    assert err.value.field == "max_tokens"
