@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-lookahead", env=f"{env}_MAX_LOOKAHEAD", type=int, default=64,
              help="largest lookahead a request may ask for")
     add_flag(parser, "--deadline-s", env=f"{env}_DEADLINE_S", type=float, default=60.0,
-             help="deadline of every call to a target or the drafter")
+             help="deadline of every call to a target or the drafter (a drafter stream that reaches it is "
+             "replaced by a new one, not treated as a failure)")
     add_flag(parser, "--health-interval-s", env=f"{env}_HEALTH_INTERVAL_S", type=float, default=1.0,
              help="seconds between health checks of the targets")
     add_flag(parser, "--startup-timeout-s", env=f"{env}_STARTUP_TIMEOUT_S", type=float, default=300.0,
