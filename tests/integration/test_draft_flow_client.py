@@ -5,6 +5,8 @@ drafter), no task is left behind, and an idle flow's cancel is counted on the dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -41,12 +43,21 @@ class AcceptAllTarget:
         return WindowResult(tokens, "fake", self.latency)
 
 
-async def _serve(engine: DrafterEngine) -> tuple[grpc.aio.Server, str]:
+@contextlib.asynccontextmanager
+async def _serve(
+    engine: DrafterEngine, deadline_s: float = 30.0
+) -> AsyncIterator[tuple[drafter_pb2_grpc.DrafterServiceStub, GrpcDrafterClient]]:
+    """A DrafterService on a free port; yields its stub and the orchestrator's client for it."""
     server = grpc.aio.server()
     drafter_pb2_grpc.add_DrafterServiceServicer_to_server(DrafterServicer(engine, 8192, 1024), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = drafter_pb2_grpc.DrafterServiceStub(channel)
+            yield stub, GrpcDrafterClient(stub, common_pb2.SamplingParams(), "r", deadline_s)
+    finally:
+        await server.stop(None)
 
 
 def _engine(drafter_dir: Path, decode_ms: float = 0.0) -> DrafterEngine:
@@ -60,30 +71,24 @@ def test_epoch_longer_than_the_deadline_keeps_the_drafter(tiny_pair: tuple[Path,
 
     async def scenario() -> None:
         reference = PROMPT + [t.token_id async for t in engine.draft("ref", PROMPT, n + 4, Sampling(), False)]
-        server, address = await _serve(engine)
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = drafter_pb2_grpc.DrafterServiceStub(channel)
-                client = GrpcDrafterClient(stub, common_pb2.SamplingParams(), "r", deadline_s=1.0)
-                sched = Scheduler(AcceptAllTarget(reference, 0.3), client,
-                                  SchedulerConfig(mode="dsi", lookahead=3, max_new_tokens=n), "s")
-                out: list[int] = []
-                t0 = asyncio.get_running_loop().time()
-                stats = await sched.run(PROMPT, lambda t: out.append(t.token_id) or False)
-                elapsed = asyncio.get_running_loop().time() - t0
-                assert out == reference[len(PROMPT): len(PROMPT) + n]
-                assert elapsed > 1.5  # the epoch outlived the 1 s deadline
-                assert not stats.drafter_failed
-                assert stats.epochs == 1  # every draft accepted: no rejection ever ended the epoch
-                assert stats.tokens_from_drafts >= n - 3
-                await asyncio.sleep(0.2)
-                # No request generator, reader or stream left behind (the in-process server's own
-                # task waiting for the next call is not ours).
-                leftover = [t for t in asyncio.all_tasks()
-                            if t is not asyncio.current_task() and "AioServer" not in repr(t)]
-                assert not leftover, leftover
-        finally:
-            await server.stop(None)
+        async with _serve(engine, deadline_s=1.0) as (_, client):
+            sched = Scheduler(AcceptAllTarget(reference, 0.3), client,
+                              SchedulerConfig(mode="dsi", lookahead=3, max_new_tokens=n), "s")
+            out: list[int] = []
+            t0 = asyncio.get_running_loop().time()
+            stats = await sched.run(PROMPT, lambda t: out.append(t.token_id) or False)
+            elapsed = asyncio.get_running_loop().time() - t0
+            assert out == reference[len(PROMPT): len(PROMPT) + n]
+            assert elapsed > 1.5  # the epoch outlived the 1 s deadline
+            assert not stats.drafter_failed
+            assert stats.epochs == 1  # every draft accepted: no rejection ever ended the epoch
+            assert stats.tokens_from_drafts >= n - 3
+            await asyncio.sleep(0.2)
+            # No request generator, reader or stream left behind (the in-process server's own
+            # task waiting for the next call is not ours).
+            leftover = [t for t in asyncio.all_tasks()
+                        if t is not asyncio.current_task() and "AioServer" not in repr(t)]
+            assert not leftover, leftover
 
     try:
         asyncio.run(scenario())
@@ -95,23 +100,17 @@ def test_cancel_of_an_idle_flow_is_counted(tiny_pair: tuple[Path, Path]) -> None
     engine = _engine(tiny_pair[1])
 
     async def scenario() -> None:
-        server, address = await _serve(engine)
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = drafter_pb2_grpc.DrafterServiceStub(channel)
-                client = GrpcDrafterClient(stub, common_pb2.SamplingParams(), "r", deadline_s=30)
-                stream = client.open("s", PROMPT, 2, False)
-                drafts = stream.__aiter__()
-                for _ in range(2):
-                    await anext(drafts)
-                await asyncio.sleep(0.2)  # the credit is used up: the flow idles, waiting for a grant
-                assert engine.runner.counters.cancelled == 0
-                stream.cancel()
-                await asyncio.sleep(0.3)
-                assert engine.runner.counters.cancelled == 1
-                assert engine.runner.counters.forwards_completed == 2
-        finally:
-            await server.stop(None)
+        async with _serve(engine) as (stub, client):
+            stream = client.open("s", PROMPT, 2, False)
+            drafts = stream.__aiter__()
+            for _ in range(2):
+                await anext(drafts)
+            await asyncio.sleep(0.2)  # the credit is used up: the flow idles, waiting for a grant
+            assert engine.runner.counters.cancelled == 0
+            stream.cancel()
+            await asyncio.sleep(0.3)
+            assert engine.runner.counters.cancelled == 1
+            assert engine.runner.counters.forwards_completed == 2
 
     try:
         asyncio.run(scenario())
@@ -123,22 +122,16 @@ def test_half_close_ends_the_flow_after_its_credit(tiny_pair: tuple[Path, Path])
     engine = _engine(tiny_pair[1])
 
     async def scenario() -> None:
-        server, address = await _serve(engine)
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = drafter_pb2_grpc.DrafterServiceStub(channel)
-                client = GrpcDrafterClient(stub, common_pb2.SamplingParams(), "r", deadline_s=30)
-                stream = client.open("s", PROMPT, 3, False)
-                stream.grant(2)
-                stream.end_grants()
-                got = [d.token_id async for d in stream]
-                assert len(got) == 5
-                assert await stream.call.code() == grpc.StatusCode.OK
-                assert engine.runner.counters.cancelled == 0
-                info = await stub.Info(drafter_pb2.DrafterInfoRequest())
-                assert info.counters.calls == 1
-        finally:
-            await server.stop(None)
+        async with _serve(engine) as (stub, client):
+            stream = client.open("s", PROMPT, 3, False)
+            stream.grant(2)
+            stream.end_grants()
+            got = [d.token_id async for d in stream]
+            assert len(got) == 5
+            assert await stream.call.code() == grpc.StatusCode.OK
+            assert engine.runner.counters.cancelled == 0
+            info = await stub.Info(drafter_pb2.DrafterInfoRequest())
+            assert info.counters.calls == 1
 
     try:
         asyncio.run(scenario())
