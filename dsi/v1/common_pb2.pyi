@@ -39,7 +39,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "device", "dtype", "num_layers", "eos_token_ids", "instance_id")
+    __slots__ = ("model", "vocab_size", "vocab_fingerprint", "device", "dtype", "num_layers", "eos_token_ids", "instance_id", "max_sequence_length")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class ModelInfo(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     vocab_fingerprint: str
@@ -56,7 +57,8 @@ class ModelInfo(_message.Message):
     num_layers: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     instance_id: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    max_sequence_length: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., instance_id: _Optional[str] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class ServiceCounters(_message.Message):
     __slots__ = ("calls", "cancelled", "cancelled_mid_forward", "cancelled_queued", "forwards_completed", "layers_run", "cache_hit_tokens", "computed_tokens", "sessions", "sessions_dropped", "cancelled_compute_s")

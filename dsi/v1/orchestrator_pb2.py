@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64si/v1/orchestrator.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xd5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x1a\n\x04mode\x18\x05 \x01(\x0e\x32\x0c.dsi.v1.Mode\x12\x11\n\tlookahead\x18\x06 \x01(\x05\x12\x11\n\tsp_degree\x18\x07 \x01(\x05\x12\x13\n\x0btemperature\x18\x08 \x01(\x02\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x12\n\x05top_p\x18\n \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x01\x88\x01\x01\x12*\n\x0cverification\x18\x0c \x01(\x0e\x32\x14.dsi.v1.Verification\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"`\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12#\n\x06source\x18\x03 \x01(\x0e\x32\x13.dsi.v1.TokenSource\x12\x0e\n\x06target\x18\x04 \x01(\t\"\xee\x03\n\rGenerateStats\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12windows_dispatched\x18\x04 \x01(\x05\x12\x17\n\x0fwindows_applied\x18\x05 \x01(\x05\x12\x19\n\x11windows_cancelled\x18\x06 \x01(\x05\x12\x17\n\x0f\x64rafts_proposed\x18\x07 \x01(\x05\x12\x17\n\x0f\x64rafts_accepted\x18\x08 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\t \x01(\x01\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x1d\n\x15max_windows_in_flight\x18\x0b \x01(\x05\x12\x0e\n\x06ttft_s\x18\x0c \x01(\x01\x12\x0e\n\x06wall_s\x18\r \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0e \x01(\x01\x12\x17\n\x0fwasted_target_s\x18\x0f \x01(\x01\x12\x0c\n\x04seed\x18\x10 \x01(\x04\x12\x11\n\tlookahead\x18\x11 \x01(\x05\x12\x11\n\tsp_degree\x18\x12 \x01(\x05\x12\x0f\n\x07retries\x18\x13 \x01(\x05\x12\x16\n\x0e\x64rafter_failed\x18\x14 \x01(\x08\x12\x1a\n\x12tokens_from_drafts\x18\x15 \x01(\x05\x12\x12\n\nrequest_id\x18\x16 \x01(\t\"\x92\x01\n\x10GenerateResponse\x12\x1d\n\x06tokens\x18\x01 \x03(\x0b\x32\r.dsi.v1.Token\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.dsi.v1.FinishReason\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.dsi.v1.GenerateStats\"\x19\n\x17OrchestratorInfoRequest\"E\n\x0eTargetEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\x9a\x02\n\x18OrchestratorInfoResponse\x12\'\n\x0ctarget_model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12(\n\rdrafter_model\x18\x02 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12\'\n\x07targets\x18\x03 \x03(\x0b\x32\x16.dsi.v1.TargetEndpoint\x12\x17\n\x0f\x64rafter_address\x18\x04 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_lookahead\x18\x07 \x01(\x05\x12\x15\n\rmax_lookahead\x18\x08 \x01(\x05*G\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_DSI\x10\x01\x12\x0b\n\x07MODE_SI\x10\x02\x12\x0e\n\nMODE_NONSI\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\\\n\x0bTokenSource\x12\x1c\n\x18TOKEN_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_SOURCE_DRAFT\x10\x01\x12\x17\n\x13TOKEN_SOURCE_TARGET\x10\x02\x32\xa1\x01\n\x13OrchestratorService\x12?\n\x08Generate\x12\x17.dsi.v1.GenerateRequest\x1a\x18.dsi.v1.GenerateResponse0\x01\x12I\n\x04Info\x12\x1f.dsi.v1.OrchestratorInfoRequest\x1a .dsi.v1.OrchestratorInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64si/v1/orchestrator.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xf2\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x1a\n\x04mode\x18\x05 \x01(\x0e\x32\x0c.dsi.v1.Mode\x12\x11\n\tlookahead\x18\x06 \x01(\x05\x12\x11\n\tsp_degree\x18\x07 \x01(\x05\x12\x13\n\x0btemperature\x18\x08 \x01(\x02\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x12\n\x05top_p\x18\n \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x01\x88\x01\x01\x12*\n\x0cverification\x18\x0c \x01(\x0e\x32\x14.dsi.v1.Verification\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x1b\n\x13truncate_at_context\x18\x0f \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"`\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12#\n\x06source\x18\x03 \x01(\x0e\x32\x13.dsi.v1.TokenSource\x12\x0e\n\x06target\x18\x04 \x01(\t\"\xee\x03\n\rGenerateStats\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12windows_dispatched\x18\x04 \x01(\x05\x12\x17\n\x0fwindows_applied\x18\x05 \x01(\x05\x12\x19\n\x11windows_cancelled\x18\x06 \x01(\x05\x12\x17\n\x0f\x64rafts_proposed\x18\x07 \x01(\x05\x12\x17\n\x0f\x64rafts_accepted\x18\x08 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\t \x01(\x01\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x1d\n\x15max_windows_in_flight\x18\x0b \x01(\x05\x12\x0e\n\x06ttft_s\x18\x0c \x01(\x01\x12\x0e\n\x06wall_s\x18\r \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0e \x01(\x01\x12\x17\n\x0fwasted_target_s\x18\x0f \x01(\x01\x12\x0c\n\x04seed\x18\x10 \x01(\x04\x12\x11\n\tlookahead\x18\x11 \x01(\x05\x12\x11\n\tsp_degree\x18\x12 \x01(\x05\x12\x0f\n\x07retries\x18\x13 \x01(\x05\x12\x16\n\x0e\x64rafter_failed\x18\x14 \x01(\x08\x12\x1a\n\x12tokens_from_drafts\x18\x15 \x01(\x05\x12\x12\n\nrequest_id\x18\x16 \x01(\t\"\x92\x01\n\x10GenerateResponse\x12\x1d\n\x06tokens\x18\x01 \x03(\x0b\x32\r.dsi.v1.Token\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x14.dsi.v1.FinishReason\x12$\n\x05stats\x18\x04 \x01(\x0b\x32\x15.dsi.v1.GenerateStats\"\x19\n\x17OrchestratorInfoRequest\"E\n\x0eTargetEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tin_flight\x18\x03 \x01(\x05\"\xb7\x02\n\x18OrchestratorInfoResponse\x12\'\n\x0ctarget_model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12(\n\rdrafter_model\x18\x02 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12\'\n\x07targets\x18\x03 \x03(\x0b\x32\x16.dsi.v1.TargetEndpoint\x12\x17\n\x0f\x64rafter_address\x18\x04 \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_lookahead\x18\x07 \x01(\x05\x12\x15\n\rmax_lookahead\x18\x08 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\t \x01(\x05*G\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08MODE_DSI\x10\x01\x12\x0b\n\x07MODE_SI\x10\x02\x12\x0e\n\nMODE_NONSI\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\\\n\x0bTokenSource\x12\x1c\n\x18TOKEN_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_SOURCE_DRAFT\x10\x01\x12\x17\n\x13TOKEN_SOURCE_TARGET\x10\x02\x32\xa1\x01\n\x13OrchestratorService\x12?\n\x08Generate\x12\x17.dsi.v1.GenerateRequest\x1a\x18.dsi.v1.GenerateResponse0\x01\x12I\n\x04Info\x12\x1f.dsi.v1.OrchestratorInfoRequest\x1a .dsi.v1.OrchestratorInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dsi.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1529
-  _globals['_MODE']._serialized_end=1600
-  _globals['_FINISHREASON']._serialized_start=1602
-  _globals['_FINISHREASON']._serialized_end=1720
-  _globals['_TOKENSOURCE']._serialized_start=1722
-  _globals['_TOKENSOURCE']._serialized_end=1814
+  _globals['_MODE']._serialized_start=1587
+  _globals['_MODE']._serialized_end=1658
+  _globals['_FINISHREASON']._serialized_start=1660
+  _globals['_FINISHREASON']._serialized_end=1778
+  _globals['_TOKENSOURCE']._serialized_start=1780
+  _globals['_TOKENSOURCE']._serialized_end=1872
   _globals['_GENERATEREQUEST']._serialized_start=59
-  _globals['_GENERATEREQUEST']._serialized_end=400
-  _globals['_TOKEN']._serialized_start=402
-  _globals['_TOKEN']._serialized_end=498
-  _globals['_GENERATESTATS']._serialized_start=501
-  _globals['_GENERATESTATS']._serialized_end=995
-  _globals['_GENERATERESPONSE']._serialized_start=998
-  _globals['_GENERATERESPONSE']._serialized_end=1144
-  _globals['_ORCHESTRATORINFOREQUEST']._serialized_start=1146
-  _globals['_ORCHESTRATORINFOREQUEST']._serialized_end=1171
-  _globals['_TARGETENDPOINT']._serialized_start=1173
-  _globals['_TARGETENDPOINT']._serialized_end=1242
-  _globals['_ORCHESTRATORINFORESPONSE']._serialized_start=1245
-  _globals['_ORCHESTRATORINFORESPONSE']._serialized_end=1527
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1817
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=1978
+  _globals['_GENERATEREQUEST']._serialized_end=429
+  _globals['_TOKEN']._serialized_start=431
+  _globals['_TOKEN']._serialized_end=527
+  _globals['_GENERATESTATS']._serialized_start=530
+  _globals['_GENERATESTATS']._serialized_end=1024
+  _globals['_GENERATERESPONSE']._serialized_start=1027
+  _globals['_GENERATERESPONSE']._serialized_end=1173
+  _globals['_ORCHESTRATORINFOREQUEST']._serialized_start=1175
+  _globals['_ORCHESTRATORINFOREQUEST']._serialized_end=1200
+  _globals['_TARGETENDPOINT']._serialized_start=1202
+  _globals['_TARGETENDPOINT']._serialized_end=1271
+  _globals['_ORCHESTRATORINFORESPONSE']._serialized_start=1274
+  _globals['_ORCHESTRATORINFORESPONSE']._serialized_end=1585
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1875
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=2036
 # @@protoc_insertion_point(module_scope)

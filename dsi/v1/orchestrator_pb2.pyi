@@ -40,7 +40,7 @@ TOKEN_SOURCE_DRAFT: TokenSource
 TOKEN_SOURCE_TARGET: TokenSource
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "mode", "lookahead", "sp_degree", "temperature", "top_k", "top_p", "seed", "verification", "stop", "ignore_eos")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "mode", "lookahead", "sp_degree", "temperature", "top_k", "top_p", "seed", "verification", "stop", "ignore_eos", "truncate_at_context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GenerateRequest(_message.Message):
     VERIFICATION_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_AT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -69,7 +70,8 @@ class GenerateRequest(_message.Message):
     verification: _common_pb2.Verification
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., lookahead: _Optional[int] = ..., sp_degree: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., verification: _Optional[_Union[_common_pb2.Verification, str]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    truncate_at_context: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., lookahead: _Optional[int] = ..., sp_degree: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., verification: _Optional[_Union[_common_pb2.Verification, str]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., truncate_at_context: _Optional[bool] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("token_id", "position", "source", "target")
@@ -158,7 +160,7 @@ class TargetEndpoint(_message.Message):
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class OrchestratorInfoResponse(_message.Message):
-    __slots__ = ("target_model", "drafter_model", "targets", "drafter_address", "max_new_tokens_limit", "max_prompt_tokens", "default_lookahead", "max_lookahead")
+    __slots__ = ("target_model", "drafter_model", "targets", "drafter_address", "max_new_tokens_limit", "max_prompt_tokens", "default_lookahead", "max_lookahead", "max_sequence_length")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class OrchestratorInfoResponse(_message.Message):
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
     MAX_LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     target_model: _common_pb2.ModelInfo
     drafter_model: _common_pb2.ModelInfo
     targets: _containers.RepeatedCompositeFieldContainer[TargetEndpoint]
@@ -175,4 +178,5 @@ class OrchestratorInfoResponse(_message.Message):
     max_prompt_tokens: int
     default_lookahead: int
     max_lookahead: int
-    def __init__(self, target_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drafter_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetEndpoint, _Mapping]]] = ..., drafter_address: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., default_lookahead: _Optional[int] = ..., max_lookahead: _Optional[int] = ...) -> None: ...
+    max_sequence_length: int
+    def __init__(self, target_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drafter_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetEndpoint, _Mapping]]] = ..., drafter_address: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., default_lookahead: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...

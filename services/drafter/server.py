@@ -16,7 +16,7 @@ SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_na
 
 
 async def serve(settings: ModelServerSettings) -> None:
-    servicer = DrafterServicer(None, settings.max_sequence_tokens, settings.max_drafts)
+    servicer = DrafterServicer(None, settings.max_drafts)
 
     def loaded(runner: ModelRunner) -> None:
         servicer.engine = DrafterEngine(runner, settings.oracle_acceptance)

@@ -16,9 +16,8 @@ from services.runtime.validation import validate_draft, validate_draft_grant
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, engine: DrafterEngine | None, max_sequence_tokens: int, max_drafts: int) -> None:
+    def __init__(self, engine: DrafterEngine | None, max_drafts: int) -> None:
         self.engine = engine
-        self.max_sequence_tokens = max_sequence_tokens
         self.max_drafts = max_drafts
 
     def _engine(self) -> DrafterEngine:
@@ -30,8 +29,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     async def Draft(
         self, request: drafter_pb2.DraftRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[drafter_pb2.DraftResponse]:
-        loaded = self._engine().runner.loaded
-        sampling = validate_draft(request, loaded.vocab_size, self.max_sequence_tokens, self.max_drafts)
+        runner = self._engine().runner
+        sampling = validate_draft(request, runner.loaded.vocab_size, runner.max_sequence_length, self.max_drafts)
         drafts = self._engine().draft(
             request.session_id, list(request.token_ids), request.max_tokens, sampling, request.return_probs
         )
@@ -49,7 +48,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         if first is None or first.WhichOneof("kind") != "start":
             raise InvalidArgument("start", "the first message must start the flow")
         start = first.start
-        sampling = validate_draft(start, engine.runner.loaded.vocab_size, self.max_sequence_tokens, self.max_drafts)
+        limit = engine.runner.max_sequence_length
+        sampling = validate_draft(start, engine.runner.loaded.vocab_size, limit, self.max_drafts)
         flow = engine.flow(start.session_id, list(start.token_ids), start.max_tokens, sampling, start.return_probs)
 
         async def read_grants() -> None:
@@ -59,7 +59,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                         raise InvalidArgument("grant", "every message after the first must be a grant")
                     credit, length = flow.snapshot()
                     flow.grant(
-                        validate_draft_grant(msg.grant, credit, length, self.max_drafts, self.max_sequence_tokens)
+                        validate_draft_grant(msg.grant, credit, length, self.max_drafts, limit)
                     )
                 # The caller half-closed (or cancelled: grpc ends the request stream first): no more
                 # credit will come, so the flow ends once the credit it has is used.
@@ -84,7 +84,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     ) -> drafter_pb2.DrafterInfoResponse:
         runner = self._engine().runner
         return drafter_pb2.DrafterInfoResponse(
-            model=model_info_pb(runner.loaded),
+            model=model_info_pb(runner),
             counters=counters_pb(runner),
             oracle_acceptance=self._engine().oracle_acceptance,
         )

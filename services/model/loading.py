@@ -33,6 +33,8 @@ class LoadedModel:
     eos_token_ids: list[int]
     num_layers: int
     instance_id: str
+    # Most positions the model can address (max_position_embeddings, n_positions, ...); 0 = no limit.
+    max_positions: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -64,11 +66,32 @@ def vocab_fingerprint(model_dir: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def _eos_ids(config: Any) -> list[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return [int(e) for e in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def eos_token_ids(model: Any) -> list[int]:
+    """End-of-sequence ids as transformers' ``generate()`` uses them: the generation config's (loaded
+    from generation_config.json, which often lists several), else the model config's."""
+    generation_config = getattr(model, "generation_config", None)
+    ids = _as_ids(getattr(generation_config, "eos_token_id", None))
+    return ids or _as_ids(getattr(model.config, "eos_token_id", None))
+
+
+# Config fields that bound the positions a model can embed, by architecture family.
+_POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(config: Any) -> int:
+    """The most positions the model can address (0 when its config names no limit)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _POSITION_LIMIT_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
 
 
 def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> LoadedModel:
@@ -99,7 +122,8 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", threads
         dtype=dt,
         vocab_size=vocab,
         vocab_fingerprint=vocab_fingerprint(name) if Path(name).is_dir() else "",
-        eos_token_ids=_eos_ids(model.config),
+        eos_token_ids=eos_token_ids(model),
         num_layers=num_layers,
         instance_id=uuid.uuid4().hex[:12],
+        max_positions=max_positions(model.config),
     )

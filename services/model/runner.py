@@ -102,10 +102,14 @@ class ModelRunner:
         token_budget: int = 1 << 20,
         ttl_s: float = 600.0,
         emulation: Emulation | None = None,
+        max_sequence_tokens: int = 0,
     ) -> None:
         from transformers import DynamicCache
 
         self.loaded = loaded
+        # The longest sequence a call may carry: the service's limit, or the model's positions if fewer.
+        limits = [n for n in (max_sequence_tokens, loaded.max_positions) if n > 0]
+        self.max_sequence_length = min(limits) if limits else 1 << 30
         self.emulation = emulation or Emulation()
         self.counters = RunnerCounters()
         self.sessions = SessionCache(

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from dsi.v1 import common_pb2
-from services.model.loading import LoadedModel, load_causal_lm
+from services.model.loading import load_causal_lm
 from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
 from services.runtime.errors import Unavailable
@@ -21,7 +21,8 @@ from services.runtime.settings import ModelServerSettings
 log = logging.getLogger(__name__)
 
 
-def model_info_pb(loaded: LoadedModel) -> common_pb2.ModelInfo:
+def model_info_pb(runner: ModelRunner) -> common_pb2.ModelInfo:
+    loaded = runner.loaded
     return common_pb2.ModelInfo(
         model=loaded.name,
         vocab_size=loaded.vocab_size,
@@ -31,6 +32,7 @@ def model_info_pb(loaded: LoadedModel) -> common_pb2.ModelInfo:
         num_layers=loaded.num_layers,
         eos_token_ids=loaded.eos_token_ids,
         instance_id=loaded.instance_id,
+        max_sequence_length=runner.max_sequence_length,
     )
 
 
@@ -82,7 +84,9 @@ async def serve_model_service(
     loaded = await loop.run_in_executor(
         None, lambda: load_causal_lm(model_path, settings.device, settings.dtype, settings.threads)
     )
-    runner = ModelRunner(loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation)
+    runner = ModelRunner(
+        loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation, settings.max_sequence_tokens
+    )
     # Warm up (first forward allocates and compiles kernels) before reporting SERVING.
     await runner.run(lambda job: runner.forward(job, "__warmup__", [0, 0], 1))
     await runner.run(lambda job: Sampling())  # flush the queue

@@ -82,7 +82,9 @@ def validate_verify(request: Any, vocab_size: int, max_tokens: int) -> Sampling:
     ids = list(request.token_ids)
     check_token_ids("token_ids", ids, vocab_size)
     if len(ids) > max_tokens:
-        raise InvalidArgument("token_ids", f"at most {max_tokens} tokens, got {len(ids)}")
+        raise InvalidArgument(
+            "token_ids", f"at most {max_tokens} tokens (the model's context or --max-sequence-tokens), got {len(ids)}"
+        )
     if not 1 <= request.first_position <= len(ids):
         raise InvalidArgument("first_position", f"must be in [1, {len(ids)}], got {request.first_position}")
     sampling = sampling_from_pb(request.sampling)
@@ -104,7 +106,9 @@ def validate_draft(request: Any, vocab_size: int, max_tokens: int, max_drafts: i
     ids = list(request.token_ids)
     check_token_ids("token_ids", ids, vocab_size)
     if len(ids) > max_tokens:
-        raise InvalidArgument("token_ids", f"at most {max_tokens} tokens, got {len(ids)}")
+        raise InvalidArgument(
+            "token_ids", f"at most {max_tokens} tokens (the model's context or --max-sequence-tokens), got {len(ids)}"
+        )
     if not 1 <= request.max_tokens <= max_drafts:
         raise InvalidArgument("max_tokens", f"must be in [1, {max_drafts}], got {request.max_tokens}")
     if len(ids) + request.max_tokens > max_tokens:

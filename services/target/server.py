@@ -16,7 +16,7 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 async def serve(settings: ModelServerSettings) -> None:
-    servicer = TargetServicer(None, settings.max_sequence_tokens)
+    servicer = TargetServicer(None)
 
     def loaded(runner: ModelRunner) -> None:
         servicer.engine = TargetEngine(runner)

@@ -12,9 +12,8 @@ from services.target.engine import TargetEngine, VerifyCall
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, engine: TargetEngine | None, max_sequence_tokens: int) -> None:
+    def __init__(self, engine: TargetEngine | None) -> None:
         self.engine = engine
-        self.max_sequence_tokens = max_sequence_tokens
 
     def _engine(self) -> TargetEngine:
         if self.engine is None:
@@ -25,8 +24,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> target_pb2.VerifyResponse:
-        loaded = self._engine().runner.loaded
-        sampling = validate_verify(request, loaded.vocab_size, self.max_sequence_tokens)
+        runner = self._engine().runner
+        loaded = runner.loaded
+        sampling = validate_verify(request, loaded.vocab_size, runner.max_sequence_length)
         result = await self._engine().verify(
             VerifyCall(
                 session_id=request.session_id,
@@ -49,7 +49,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self, request: target_pb2.TargetInfoRequest, context: grpc.aio.ServicerContext
     ) -> target_pb2.TargetInfoResponse:
         runner = self._engine().runner
-        return target_pb2.TargetInfoResponse(model=model_info_pb(runner.loaded), counters=counters_pb(runner))
+        return target_pb2.TargetInfoResponse(model=model_info_pb(runner), counters=counters_pb(runner))
 
     @grpc_errors
     async def Release(

@@ -49,7 +49,7 @@ async def _serve(
 ) -> AsyncIterator[tuple[drafter_pb2_grpc.DrafterServiceStub, GrpcDrafterClient]]:
     """A DrafterService on a free port; yields its stub and the orchestrator's client for it."""
     server = grpc.aio.server()
-    drafter_pb2_grpc.add_DrafterServiceServicer_to_server(DrafterServicer(engine, 8192, 1024), server)
+    drafter_pb2_grpc.add_DrafterServiceServicer_to_server(DrafterServicer(engine, 1024), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
