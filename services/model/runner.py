@@ -3,8 +3,9 @@ layers, per-session KV caches, and optional latency emulation.
 
 Cancellation: the asyncio caller sets the job's stop flag when its call is cancelled; a forward
 pre-hook on every decoder layer checks it and raises ``ForwardCancelled``. The session cache is then
-cropped back, layer by layer, to exactly its state before the call (or dropped when a layer type
-cannot be cropped), so the next call on the session sees a consistent cache.
+cut back, layer by layer, to exactly its state before the call (``kv_cache``: every attention layer,
+sliding-window ones included, keeps its full history so that this is always possible; a cache with
+recurrent state is started over instead), so the next call on the session sees a consistent cache.
 
 Latency emulation pads a job (its forward pass and choosing tokens from the logits, the work a
 device does for one step) to at least the configured wall time by sleeping, spread over the layers
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from services.model.emulation import Emulation
+from services.model.errors import ModelError
+from services.model.kv_cache import crop_kv_cache, new_kv_cache
 from services.model.loading import LoadedModel
 from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
 
@@ -104,8 +107,6 @@ class ModelRunner:
         emulation: Emulation | None = None,
         max_sequence_tokens: int = 0,
     ) -> None:
-        from transformers import DynamicCache
-
         self.loaded = loaded
         # The longest sequence a call may carry: the service's limit, or the model's positions if fewer.
         limits = [n for n in (max_sequence_tokens, loaded.max_positions) if n > 0]
@@ -113,7 +114,7 @@ class ModelRunner:
         self.emulation = emulation or Emulation()
         self.counters = RunnerCounters()
         self.sessions = SessionCache(
-            new_kv=lambda: DynamicCache(config=loaded.model.config), token_budget=token_budget, ttl_s=ttl_s
+            new_kv=lambda: new_kv_cache(loaded.model.config), token_budget=token_budget, ttl_s=ttl_s
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
         self._job: Job | None = None
@@ -218,22 +219,16 @@ class ModelRunner:
 
         return hook
 
-    def _crop(self, session: CachedSession, length: int) -> None:
-        """Crop every layer of the session's KV cache to ``length`` tokens (layers may differ after an
-        aborted forward); reset the session when a layer type cannot be cropped."""
-        from transformers.cache_utils import DynamicLayer
-
-        layers = getattr(session.kv, "layers", None)
-        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
-            if length < len(session.tokens) or layers is None:
-                session.kv = self.sessions._new_kv()
-                session.tokens = []
+    def _cut_back(self, session: CachedSession, length: int, aborted: bool = False) -> None:
+        """Bring the session's cache back to its first ``length`` tokens. After an aborted forward
+        (``aborted``) its layers may hold different numbers of tokens, whatever ``session.tokens``
+        says. A cache that cannot be cut back is started over (the next forward recomputes it)."""
+        if not aborted and length >= len(session.tokens):
             return
-        for layer in layers:
-            extra = layer.get_seq_length() - length
-            if extra > 0:
-                layer.crop(-extra)
-        del session.tokens[length:]
+        if crop_kv_cache(session.kv, length):
+            del session.tokens[length:]
+        else:
+            self.sessions.reset(session)
 
     def _model_forward(self, new: list[int], kv: Any, keep: int) -> Any:
         kwargs: dict[str, Any] = {self._cache_kwarg: kv, "use_cache": True}
@@ -248,10 +243,14 @@ class ModelRunner:
         On return the session cache holds exactly ``token_ids``.
         """
         assert 0 <= first_logit < len(token_ids), (first_logit, len(token_ids))
+        if len(token_ids) > self.max_sequence_length:
+            raise ModelError(
+                f"{len(token_ids)} tokens exceed the context of {self.loaded.name} ({self.max_sequence_length})"
+            )
         session = self.sessions.get(session_id)
         start = min(common_prefix_len(session.tokens, token_ids), first_logit)
-        self._crop(session, start)
-        if start > len(session.tokens):  # the cache could not keep the prefix (reset)
+        self._cut_back(session, start)
+        if start > len(session.tokens):  # the cache could not keep the prefix (started over)
             start = 0
         new = token_ids[start:]
         keep = len(token_ids) - first_logit
@@ -260,12 +259,17 @@ class ModelRunner:
         try:
             out = self._model_forward(new, session.kv, keep)
         except ForwardCancelled:
-            if len(session.tokens) != len(token_ids):
-                self._crop(session, start)
+            self._cut_back(session, start, aborted=True)
             raise
-        except Exception:
+        except torch.OutOfMemoryError:
             self.sessions.drop(session_id)
             raise
+        except Exception as exc:
+            self.sessions.drop(session_id)
+            raise ModelError(
+                f"the forward pass of {self.loaded.name} failed on {len(token_ids)} tokens "
+                f"({len(new)} new): {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             job.compute_s += time.perf_counter() - job.t0
         session.tokens = list(token_ids)

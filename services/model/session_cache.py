@@ -68,6 +68,11 @@ class SessionCache:
         self._sessions.move_to_end(session_id)
         return session
 
+    def reset(self, session: CachedSession) -> None:
+        """Start a session over with an empty cache."""
+        session.kv = self._new_kv()
+        session.tokens = []
+
     def drop(self, session_id: str) -> bool:
         if self._sessions.pop(session_id, None) is None:
             return False

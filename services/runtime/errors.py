@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from services.model.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return exc.code, exc.message
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"device out of memory: {exc}"
+    if isinstance(exc, ModelError):
+        return grpc.StatusCode.INTERNAL, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         # A downstream call failed: pass its status through with context.
         return exc.code(), f"downstream call failed: {exc.details()}"

@@ -1,0 +1,8 @@
+"""Errors of the model layer that callers map to statuses (torch-free, so the transport can import it)."""
+
+from __future__ import annotations
+
+
+class ModelError(RuntimeError):
+    """A forward pass failed for a reason other than cancellation or device memory; the message names
+    the model, the sequence length and the cause."""
