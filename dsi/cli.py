@@ -85,6 +85,7 @@ def _generate(ns: argparse.Namespace) -> int:
         verification=ns.verification,
         stop=ns.stop or (),
         ignore_eos=ns.ignore_eos,
+        truncate_at_context=ns.truncate_at_context,
     )
     try:
         with Client(ns.address, timeout=ns.timeout_s) as client:
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(gen, "--stop", env="DSI_STOP", action="append", help="stop string (repeatable)")
     add_flag(gen, "--ignore-eos", env="DSI_IGNORE_EOS", action="store_true", help="generate past EOS tokens")
+    add_flag(gen, "--truncate-at-context", env="DSI_TRUNCATE_AT_CONTEXT", action="store_true",
+             help="when prompt + max new tokens exceed the model's context, stop at the context (finish "
+                  "reason 'length') instead of refusing the request")
     add_flag(gen, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=None, help="deadline of the call")
     add_flag(
         gen, "--json", env="DSI_JSON", action="store_true", help="print one JSON object with text, token_ids, stats"

@@ -89,6 +89,7 @@ def build_request(
     verification: str = "coupled",
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    truncate_at_context: bool = False,
     request_id: str = "",
 ) -> orchestrator_pb2.GenerateRequest:
     if isinstance(mode, str):
@@ -111,6 +112,7 @@ def build_request(
         verification=VERIFICATIONS[verification],
         stop=list(stop),
         ignore_eos=ignore_eos,
+        truncate_at_context=truncate_at_context,
     )
     if isinstance(prompt, str):
         req.prompt = prompt

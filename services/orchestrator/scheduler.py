@@ -130,6 +130,8 @@ class SchedulerConfig:
     sp_degree: int = 0  # 0 = as many as the target client allows
     max_new_tokens: int = 64
     rejection: bool = False  # drafter ships its distributions with each draft
+    # Most tokens (prefix + drafts) the drafter can hold; no draft is asked beyond it (0 = no limit).
+    draft_sequence_length: int = 0
 
 
 @dataclass
@@ -262,6 +264,16 @@ class Scheduler:
     def _done(self) -> bool:
         return self._stopped or self._remaining() <= 0
 
+    def _draft_room(self, base: int, decided: int, requested: int) -> int:
+        """Drafts that may still be asked for after ``requested`` in an epoch at ``base``. The last
+        position to generate is never drafted: the window that would verify a draft there would read
+        one position more than plain decoding does (its bonus position lies past the end), and the
+        target decides that position anyway. Nor is a draft asked past the drafter's context."""
+        room = self._remaining() + decided - 1 - requested
+        if self.cfg.draft_sequence_length > 0:
+            room = min(room, self.cfg.draft_sequence_length - base - requested)
+        return room
+
     def _commit(self, token_id: int, source: Source, target: str) -> None:
         token = CommittedToken(token_id, len(self.seq), source, target)
         self.seq.append(token_id)
@@ -354,8 +366,8 @@ class Scheduler:
         while not self._done():
             base = len(self.seq)
             self.stats.epochs += 1
-            count = min(self.cfg.lookahead, self._remaining())
-            drafts = await self._collect_drafts(base, count) if self.drafter is not None else []
+            count = min(self.cfg.lookahead, self._draft_room(base, 0, 0))
+            drafts = await self._collect_drafts(base, count) if self.drafter is not None and count > 0 else []
             self.stats.windows_dispatched += 1
             self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, 1)
             result = await self.target.verify(self._window_request(base, drafts, 0, len(drafts), 0))
@@ -424,7 +436,7 @@ class Scheduler:
         ep.events.put_nowait(("window", window))
 
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
-        budget = self._remaining() + ep.decided  # drafts beyond this position are never needed
+        budget = ep.decided + self._remaining() - 1  # drafts from here on are never verified (_draft_room)
         while len(ep.in_flight()) < sp:
             start = ep.dispatched_end
             available = min(len(ep.drafts), budget) - start
@@ -444,7 +456,7 @@ class Scheduler:
         if self.drafter is None or self._done():
             return
         ahead = ep.requested - ep.decided
-        room = min((sp + 1) * self.cfg.lookahead - ahead, self._remaining() + ep.decided - ep.requested)
+        room = min((sp + 1) * self.cfg.lookahead - ahead, self._draft_room(ep.base, ep.decided, ep.requested))
         if room <= 0:
             return
         ep.requested += room

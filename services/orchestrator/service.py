@@ -17,7 +17,13 @@ from services.orchestrator.drafter_client import GrpcDrafterClient
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import PoolTargetClient, TargetPool
 from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
-from services.runtime.validation import GenerateLimits, GenerateParams, check_prompt_length, sampling_to_pb
+from services.runtime.validation import (
+    GenerateLimits,
+    GenerateParams,
+    check_prompt_length,
+    new_tokens_within_context,
+    sampling_to_pb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ class Orchestrator:
     async def generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
         request_id = params.request_id or uuid.uuid4().hex[:16]
         prompt = self.tokenize(params)
+        max_new_tokens = new_tokens_within_context(len(prompt), params, self.limits)
         sampling = sampling_to_pb(params.sampling)
         drafter = None
         if self.drafter_stub is not None and params.mode != "nonsi":
@@ -76,8 +83,9 @@ class Orchestrator:
                 mode=params.mode,
                 lookahead=params.lookahead,
                 sp_degree=params.sp_degree,
-                max_new_tokens=params.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 rejection=params.sampling.rejection,
+                draft_sequence_length=self.limits.draft_sequence_length,
             ),
             session_id=request_id,
             request_seq=next(self._seq),

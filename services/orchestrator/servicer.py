@@ -106,6 +106,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             max_prompt_tokens=o.limits.max_prompt_tokens,
             default_lookahead=o.limits.default_lookahead,
             max_lookahead=o.limits.max_lookahead,
+            max_sequence_length=o.limits.max_sequence_length,
         )
         if self.drafter_model is not None:
             msg.drafter_model.CopyFrom(self.drafter_model)

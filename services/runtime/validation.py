@@ -136,6 +136,9 @@ class GenerateLimits:
     max_lookahead: int
     default_lookahead: int
     default_sp_degree: int = 0  # 0 = every healthy target
+    # Most tokens a sequence may hold on the targets, and on the drafter (0 = no limit known).
+    max_sequence_length: int = 0
+    draft_sequence_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class GenerateParams:
     sampling: Sampling
     stop: tuple[str, ...]
     ignore_eos: bool
+    truncate_at_context: bool = False
 
 
 def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: GenerateLimits) -> GenerateParams:
@@ -195,6 +199,28 @@ def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: Generat
         sampling=sampling,
         stop=tuple(request.stop),
         ignore_eos=request.ignore_eos,
+        truncate_at_context=request.truncate_at_context,
+    )
+
+
+def new_tokens_within_context(prompt_tokens: int, params: GenerateParams, limits: GenerateLimits) -> int:
+    """How many tokens the request may generate. Plain decoding of n tokens reads prompt + n - 1
+    positions (the last token is never fed back), so that must fit the targets' context. Past it the
+    request is refused, or, with truncate_at_context, generates until the context is full."""
+    context = limits.max_sequence_length
+    if context <= 0 or prompt_tokens + params.max_new_tokens - 1 <= context:
+        return params.max_new_tokens
+    if prompt_tokens > context:
+        raise InvalidArgument(
+            "prompt", f"{prompt_tokens} tokens do not fit the model's context of {context} tokens"
+        )
+    room = context - prompt_tokens + 1
+    if params.truncate_at_context:
+        return room
+    raise InvalidArgument(
+        "max_new_tokens",
+        f"the prompt has {prompt_tokens} tokens and the model's context is {context} tokens, so at most {room} "
+        f"new tokens fit, got {params.max_new_tokens} (set truncate_at_context to stop at the context instead)",
     )
 
 
@@ -203,3 +229,11 @@ def check_prompt_length(n_tokens: int, limits: GenerateLimits) -> None:
         raise InvalidArgument("prompt", "must not be empty (it encodes to zero tokens)")
     if n_tokens > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"at most {limits.max_prompt_tokens} tokens, got {n_tokens}")
+
+
+def validate_vocab_limit(vocab_limit: int) -> int:
+    """DraftRequest.vocab_limit: drafts are ids below it; 0 = every id of the drafter's model (a limit
+    at or beyond the model's size changes nothing)."""
+    if vocab_limit < 0:
+        raise InvalidArgument("vocab_limit", f"must be >= 0 (0 = every id), got {vocab_limit}")
+    return int(vocab_limit)

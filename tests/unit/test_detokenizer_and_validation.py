@@ -149,3 +149,32 @@ def test_draft_start_may_not_run_past_the_sequence_limit() -> None:
     with pytest.raises(InvalidArgument) as err:
         validate_draft(too_long, vocab_size=50, max_tokens=100, max_drafts=64)
     assert err.value.field == "max_tokens"
+
+
+def _context_request(max_new: int, truncate: bool = False):
+    from services.runtime.validation import new_tokens_within_context
+
+    limits = GenerateLimits(vocab_size=100, max_new_tokens=1000, max_prompt_tokens=1000, max_lookahead=16,
+                            default_lookahead=4, max_sequence_length=256)
+    params = validate_generate(
+        orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=max_new, truncate_at_context=truncate), limits
+    )
+    return lambda prompt_tokens: new_tokens_within_context(prompt_tokens, params, limits)
+
+
+def test_context_limit_allows_what_plain_decoding_reads() -> None:
+    # 240 + 17 tokens: plain decoding reads 256 positions (the last token is never fed back).
+    assert _context_request(17)(240) == 17
+    assert _context_request(1)(256) == 1
+
+
+def test_context_limit_refusal_names_the_limit() -> None:
+    with pytest.raises(InvalidArgument, match=r"max_new_tokens: .*context is 256 tokens.*at most 17"):
+        _context_request(18)(240)
+    with pytest.raises(InvalidArgument, match=r"prompt: 257 tokens do not fit the model's context of 256"):
+        _context_request(1, truncate=True)(257)
+
+
+def test_truncate_at_context_generates_until_the_context_is_full() -> None:
+    assert _context_request(100, truncate=True)(240) == 17
+    assert _context_request(10, truncate=True)(240) == 10

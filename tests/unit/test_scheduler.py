@@ -141,3 +141,37 @@ def test_dsi_is_faster_than_si_with_a_good_drafter() -> None:
                                     FakeDrafter(latency=0.1, acceptance=0.8), n=100, lookahead=4)
         times[mode] = elapsed
     assert times["dsi"] < 0.85 * times["si"], times
+
+
+def _run_limited(mode: str, drafter: FakeDrafter, n: int, draft_limit: int = 0):
+    target = FakeTarget(instances=3)
+
+    async def main():
+        sched = Scheduler(target, drafter, SchedulerConfig(mode=mode, lookahead=4, max_new_tokens=n,
+                                                           draft_sequence_length=draft_limit), "s1")
+        out: list[int] = []
+        await sched.run(PROMPT, lambda tok: out.append(tok.token_id) or False)
+        return out
+
+    return run_virtual(main), target
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si"])
+@pytest.mark.parametrize("n", [1, 2, 5, 17])
+def test_windows_read_no_more_positions_than_plain_decoding(mode: str, n: int) -> None:
+    """Plain decoding of n tokens reads prompt + n - 1 positions; no window may read more, even when
+    every draft is accepted (a draft at the last position would put the bonus position past the end)."""
+    out, target = _run_limited(mode, FakeDrafter(acceptance=1.0), n)
+    assert out == reference(PROMPT, n)
+    assert max(len(w.token_ids) for w in target.calls) <= len(PROMPT) + n - 1
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si"])
+def test_no_draft_is_asked_past_the_drafters_context(mode: str) -> None:
+    drafter = FakeDrafter(acceptance=1.0)
+    limit = len(PROMPT) + 10
+    out, _ = _run_limited(mode, drafter, 30, draft_limit=limit)
+    assert out == reference(PROMPT, 30)  # target-only once the drafter's context is full
+    assert drafter.opened > 0
+    for stream in drafter.streams:
+        assert len(stream.prefix) + sum(stream.grants) <= limit
