@@ -42,6 +42,47 @@ class ForwardCancelled(Exception):
     """The call was cancelled; its forward pass was stopped or never started."""
 
 
+@dataclass(frozen=True)
+class Chunking:
+    """Fixed-shape forwards, for output that does not depend on which window computes a position.
+
+    In reduced precision a matrix product may round differently for a different number of rows, so a
+    position's logits would depend on how many tokens its forward carried (a 1-token non-SI step or
+    an (L + 1)-token window) and on how its prefix was cached. Here the sequence is cut at fixed
+    absolute positions: the prompt ``[0, origin)`` is one forward (keeping its last row's logits),
+    then every ``size`` tokens is one forward of exactly ``size`` rows (the last one padded, its
+    padding cut from the cache after), always recomputed whole from its start. Each position's
+    logits then come from the same computation over the same cached prefix, whoever computes it; a
+    row never depends on later rows (causal mask), so drafts or padding after it change nothing.
+    """
+
+    origin: int
+    size: int
+
+    def start_of(self, index: int) -> int:
+        """Where the chunk holding token ``index`` starts."""
+        if index < self.origin:
+            return 0
+        return self.origin + (index - self.origin) // self.size * self.size
+
+    def pieces(self, start: int, end: int, limit: int) -> list[tuple[int, int, int]]:
+        """(first token, one past the last token incl. padding, logit rows kept) of each forward
+        computing tokens start .. end - 1 from the chunk boundary ``start``. Padding never runs past
+        ``limit`` positions (the model's context): the last chunk there is shorter, but always equally
+        short, so its shape still depends only on where it starts."""
+        out = []
+        a = start
+        while a < end:
+            if a < self.origin:
+                out.append((a, self.origin, 1))
+                a = self.origin
+            else:
+                b = min(a + self.size, max(limit, end))
+                out.append((a, b, b - a))
+                a = b
+        return out
+
+
 @dataclass
 class RunnerCounters:
     """Counters since start (mutated by the worker thread and the event loop; ints under the GIL)."""
@@ -236,30 +277,50 @@ class ModelRunner:
             kwargs["logits_to_keep"] = keep
         return self.loaded.model(input_ids=torch.tensor([new], dtype=torch.long, device=self.loaded.device), **kwargs)
 
-    def forward(self, job: Job, session_id: str, token_ids: list[int], first_logit: int) -> tuple[torch.Tensor, int]:
+    def forward(
+        self, job: Job, session_id: str, token_ids: list[int], first_logit: int, chunking: Chunking | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Logits predicting positions first_logit + 1 .. len(token_ids), reusing the session cache.
 
         Returns (logits [len(token_ids) - first_logit, vocab] float32, tokens reused from the cache).
-        On return the session cache holds exactly ``token_ids``.
+        On return the session cache holds exactly ``token_ids``. With ``chunking`` the sequence is
+        computed in fixed-shape chunks (see ``Chunking``) instead of one forward over what is new.
         """
-        assert 0 <= first_logit < len(token_ids), (first_logit, len(token_ids))
-        if len(token_ids) > self.max_sequence_length:
-            raise ModelError(
-                f"{len(token_ids)} tokens exceed the context of {self.loaded.name} ({self.max_sequence_length})"
-            )
+        n = len(token_ids)
+        assert 0 <= first_logit < n, (first_logit, n)
+        if n > self.max_sequence_length:
+            raise ModelError(f"{n} tokens exceed the context of {self.loaded.name} ({self.max_sequence_length})")
         session = self.sessions.get(session_id)
         start = min(common_prefix_len(session.tokens, token_ids), first_logit)
+        if chunking is not None:
+            start = chunking.start_of(start)
         self._cut_back(session, start)
         if start > len(session.tokens):  # the cache could not keep the prefix (started over)
             start = 0
-        new = token_ids[start:]
-        keep = len(token_ids) - first_logit
+        if chunking is not None:
+            pieces = chunking.pieces(start, n, self.max_sequence_length)
+        else:
+            pieces = [(start, n, n - first_logit)]
         job.pad_s = self.emulation.prefill_s if start == 0 else self.emulation.decode_s
         job.t0 = time.perf_counter()
+        rows: list[torch.Tensor] = []
         try:
-            out = self._model_forward(new, session.kv, keep)
+            for a, b, keep in pieces:
+                real = token_ids[a : min(b, n)]
+                padding = b - a - len(real)
+                out = self._model_forward(real + [0] * padding, session.kv, keep)
+                # The kept rows predict positions b - keep + 1 .. b; this call wants first_logit + 1 .. n.
+                lo, hi = max(first_logit, b - keep), min(b, n)
+                if lo < hi:
+                    kept = out.logits[0, -keep:, :]  # [keep, vocab] (all rows where logits_to_keep is unknown)
+                    rows.append(kept[lo - (b - keep) : hi - (b - keep)].float())  # [hi - lo, vocab]
+                self.counters.computed_tokens += b - a
+                if padding and not crop_kv_cache(session.kv, a + len(real)):
+                    self.sessions.reset(session)  # the padding is in a recurrent state: start over next time
+                    break
+                session.tokens = token_ids[: a + len(real)]
         except ForwardCancelled:
-            self._cut_back(session, start, aborted=True)
+            self._cut_back(session, len(session.tokens), aborted=True)
             raise
         except torch.OutOfMemoryError:
             self.sessions.drop(session_id)
@@ -267,15 +328,14 @@ class ModelRunner:
         except Exception as exc:
             self.sessions.drop(session_id)
             raise ModelError(
-                f"the forward pass of {self.loaded.name} failed on {len(token_ids)} tokens "
-                f"({len(new)} new): {type(exc).__name__}: {exc}"
+                f"the forward pass of {self.loaded.name} failed on {n} tokens "
+                f"({n - start} new): {type(exc).__name__}: {exc}"
             ) from exc
         finally:
             job.compute_s += time.perf_counter() - job.t0
-        session.tokens = list(token_ids)
         self.sessions.enforce_budget(keep=session_id)
         self.counters.forwards_completed += 1
         self.counters.cache_hit_tokens += start
-        self.counters.computed_tokens += len(new)
-        logits = out.logits[0, -keep:, :].float()  # [keep, vocab]
+        logits = torch.cat(rows) if len(rows) > 1 else rows[0]  # [n - first_logit, vocab]
+        assert logits.shape[0] == n - first_logit, (logits.shape, n, first_logit)
         return logits, start

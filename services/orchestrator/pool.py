@@ -245,7 +245,11 @@ class TargetPool:
     # -- verifying a window ----------------------------------------------------------------------
 
     async def verify(
-        self, window: WindowRequest, sampling: common_pb2.SamplingParams, request_id: str
+        self,
+        window: WindowRequest,
+        sampling: common_pb2.SamplingParams,
+        request_id: str,
+        chunking: tuple[int, int] | None = None,
     ) -> WindowResult:
         request = target_pb2.VerifyRequest(
             request_id=request_id,
@@ -254,6 +258,8 @@ class TargetPool:
             first_position=window.first_position,
             sampling=sampling,
         )
+        if chunking is not None:
+            request.chunk_origin, request.chunk_size = chunking
         for ids, probs in window.draft_probs or []:
             request.draft_probs.add(token_ids=ids, probs=probs)
         retries = 0
@@ -300,13 +306,21 @@ class TargetPool:
 class PoolTargetClient:
     """The scheduler's TargetClient for one request."""
 
-    def __init__(self, pool: TargetPool, sampling: common_pb2.SamplingParams, request_id: str) -> None:
+    def __init__(
+        self,
+        pool: TargetPool,
+        sampling: common_pb2.SamplingParams,
+        request_id: str,
+        chunking: tuple[int, int] | None = None,
+    ) -> None:
         self.pool = pool
         self.sampling = sampling
         self.request_id = request_id
+        # (chunk_origin, chunk_size) of fixed-shape target forwards (--reproducible); None = off.
+        self.chunking = chunking
 
     def sp_limit(self) -> int:
         return self.pool.sp_limit()
 
     async def verify(self, window: WindowRequest) -> WindowResult:
-        return await self.pool.verify(window, self.sampling, self.request_id)
+        return await self.pool.verify(window, self.sampling, self.request_id, self.chunking)

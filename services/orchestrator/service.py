@@ -51,6 +51,7 @@ class Orchestrator:
         eos_token_ids: list[int],
         deadline_s: float,
         metrics: OrchestratorMetrics,
+        reproducible: bool = False,
     ) -> None:
         self.pool = pool
         self.drafter_stub = drafter_stub
@@ -59,6 +60,7 @@ class Orchestrator:
         self.eos = set(eos_token_ids)
         self.deadline_s = deadline_s
         self.metrics = metrics
+        self.reproducible = reproducible
         self._seq = itertools.count()
 
     def tokenize(self, params: GenerateParams) -> list[int]:
@@ -77,7 +79,9 @@ class Orchestrator:
         if self.drafter_stub is not None and params.mode != "nonsi":
             drafter = GrpcDrafterClient(self.drafter_stub, sampling, request_id, self.deadline_s)
         scheduler = Scheduler(
-            PoolTargetClient(self.pool, sampling, request_id),
+            PoolTargetClient(
+                self.pool, sampling, request_id, (len(prompt), params.lookahead + 1) if self.reproducible else None
+            ),
             drafter,
             SchedulerConfig(
                 mode=params.mode,

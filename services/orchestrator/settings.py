@@ -25,6 +25,7 @@ class OrchestratorSettings:
     startup_timeout_s: float
     resolve_interval_s: float
     log_level: str
+    reproducible: bool = False
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -68,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="Generate calls accepted at once")
     add_flag(parser, "--metrics-port", env=f"{env}_METRICS_PORT", type=int, default=0,
              help="serve Prometheus metrics on this port (0 = off)")
+    add_flag(parser, "--reproducible", env=f"{env}_REPRODUCIBLE", action="store_true",
+             help="fixed-shape target forwards (the prompt, then lookahead + 1 tokens at a time): output identical "
+                  "across modes, runs and instances in bfloat16/float16 too, at the cost of recomputing and "
+                  "padding each forward to lookahead + 1 tokens (see README, losslessness)")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
@@ -93,4 +98,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         startup_timeout_s=ns.startup_timeout_s,
         resolve_interval_s=ns.resolve_interval_s,
         log_level=ns.log_level,
+        reproducible=ns.reproducible,
     )

@@ -19,6 +19,8 @@ MODES = {
     orchestrator_pb2.MODE_SI: "si",
     orchestrator_pb2.MODE_NONSI: "nonsi",
 }
+# Fixed-shape forwards (VerifyRequest.chunk_size) pad a forward to this many tokens at most.
+MAX_CHUNK_SIZE = 1024
 VERIFICATIONS = (
     common_pb2.VERIFICATION_UNSPECIFIED,
     common_pb2.VERIFICATION_COUPLED,
@@ -98,6 +100,13 @@ def validate_verify(request: Any, vocab_size: int, max_tokens: int) -> Sampling:
         if len(dist.token_ids) != len(dist.probs):
             raise InvalidArgument(f"draft_probs[{i}]", "token_ids and probs differ in length")
         check_token_ids(f"draft_probs[{i}].token_ids", list(dist.token_ids), vocab_size, allow_empty=True)
+    if request.chunk_size:
+        if not 1 <= request.chunk_size <= MAX_CHUNK_SIZE:
+            raise InvalidArgument("chunk_size", f"must be in [1, {MAX_CHUNK_SIZE}] (0 = off), got {request.chunk_size}")
+        if not 1 <= request.chunk_origin <= request.first_position:
+            raise InvalidArgument(
+                "chunk_origin", f"must be in [1, first_position={request.first_position}], got {request.chunk_origin}"
+            )
     return sampling
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from services.model.runner import Job, ModelRunner
+from services.model.runner import Chunking, Job, ModelRunner
 from services.model.sampling import Sampling, coupled_choice, dense_from_sparse, rejection_verify
 
 
@@ -19,6 +19,8 @@ class VerifyCall:
     sampling: Sampling
     # Rejection sampling only: (ids, probs) of the drafter's distribution at each draft position.
     draft_probs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    # Fixed-shape forwards (reproducible output in reduced precision); None = one forward over what is new.
+    chunking: Chunking | None = None
 
 
 @dataclass
@@ -41,7 +43,9 @@ class TargetEngine:
 
         def job(j: Job) -> tuple[list[int], int]:
             jobs.append(j)
-            logits, cached = runner.forward(j, call.session_id, call.token_ids, call.first_position - 1)
+            logits, cached = runner.forward(
+                j, call.session_id, call.token_ids, call.first_position - 1, call.chunking
+            )
             positions = list(range(call.first_position, len(call.token_ids) + 1))
             s = call.sampling
             if s.rejection and not s.greedy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from dsi.v1 import target_pb2, target_pb2_grpc
+from services.model.runner import Chunking
 from services.runtime.errors import grpc_errors
 from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
 from services.runtime.validation import validate_verify
@@ -34,6 +35,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 first_position=request.first_position,
                 sampling=sampling,
                 draft_probs=[(list(d.token_ids), list(d.probs)) for d in request.draft_probs],
+                chunking=Chunking(request.chunk_origin, request.chunk_size) if request.chunk_size else None,
             )
         )
         return target_pb2.VerifyResponse(
