@@ -1,12 +1,15 @@
-"""A local cluster as separate processes: N targets, one drafter, the orchestrator (``dsi up``)."""
+"""A local cluster as separate processes: N targets, one drafter, the orchestrator (``dsi up``), and
+the one way services are started as processes (here, by the tests and by the benchmarks): with
+``--port 0``, the bound port read back from the 'listening on' line the service prints, so no port
+is picked, released and raced for."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +27,6 @@ class ClusterError(RuntimeError):
     """A process of the cluster failed to start; the message includes the end of its log."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def check_health(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
     """True when the server at address reports SERVING for service ('' = the whole server)."""
     with grpc.insecure_channel(address) as channel:
@@ -42,18 +39,125 @@ def check_health(address: str, service: str = "", timeout_s: float = 2.0) -> boo
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+# The line a server prints on stdout once it is SERVING (services/runtime/serving.py).
+_LISTENING = re.compile(r"^dsi-[\w-]+ listening on (?P<bind>\S+)$")
+
+
+def serve_command(role: str, args: list[str], host: str = "127.0.0.1", port: int = 0) -> list[str]:
+    """``dsi serve ROLE`` on host:port (0 = a port the server picks and reports) with ARGS."""
+    return [sys.executable, "-m", "dsi.cli", "serve", role, "--host", host, "--port", str(port), *args]
+
+
 @dataclass
 class ServiceProcess:
+    """A service started by ``launch``; ``address`` is known once ``wait_listening`` returned."""
+
     name: str
-    address: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    host: str = "127.0.0.1"
+    address: str = ""
+    _log_offset: int = field(default=0, init=False, repr=False)  # log bytes read by wait_listening
+    _partial: bytes = field(default=b"", init=False, repr=False)  # an unfinished line from that read
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def _listening_port(self) -> int | None:
+        """The port from a 'listening on' line written to the log since the last call, if any."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                data = f.read()
+        except OSError:
+            return None
+        self._log_offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            match = _LISTENING.match(line.decode(errors="replace").strip())
+            if match:
+                return int(match["bind"].rsplit(":", 1)[1])
+        return None
+
+    def wait_listening(self, deadline: float) -> str:
+        """Wait (until time.monotonic() reaches deadline) for the service's 'listening on HOST:PORT'
+        line, which it prints once it is SERVING on the port it bound; returns and sets
+        ``address``. Raises ClusterError, with the end of the log, when the process exits first or
+        the deadline passes."""
+        while True:
+            port = self._listening_port()
+            if port is not None:
+                self.address = f"{self.host}:{port}"
+                return self.address
+            if self.process.poll() is not None:
+                if self._listening_port() is None:  # the line may have landed just before the exit
+                    raise ClusterError(
+                        f"{self.name} exited with code {self.process.returncode} during start-up; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                continue
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"{self.name} did not report 'listening on' in time; log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+
+def launch(
+    name: str,
+    command: list[str],
+    log_path: Path,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> ServiceProcess:
+    """Start ``command`` with stdout and stderr going to log_path; wait for it with
+    ``ServiceProcess.wait_listening`` (servers get ``--port 0`` and report the port they bound, so
+    no port is picked here and raced for)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=new_session,
+        )
+    return ServiceProcess(name, proc, log_path, host)
+
+
+def launch_and_wait(
+    name: str,
+    command: list[str],
+    log_path: Path,
+    timeout_s: float,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> ServiceProcess:
+    """``launch`` then ``wait_listening``; the process is killed when it does not come up."""
+    sp = launch(name, command, log_path, host, env, new_session)
+    try:
+        sp.wait_listening(time.monotonic() + timeout_s)
+    except BaseException:
+        stop_process(sp.process)
+        raise
+    return sp
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s; returns once the process is gone."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass
@@ -62,7 +166,7 @@ class ClusterSpec:
     drafter_model: str = ""
     targets: int = 2
     host: str = "127.0.0.1"
-    port: int = 50051  # orchestrator; 0 = a free port
+    port: int = 50051  # orchestrator; 0 = a free port it picks and reports (model services always do)
     threads: int = 1  # torch threads per model service
     device: str = "auto"
     dtype: str = "auto"
@@ -89,33 +193,12 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._failed = False
 
-    def _spawn(self, name: str, args: list[str], port: int) -> ServiceProcess:
-        log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dsi.cli", "serve", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop the children
-            )
-        sp = ServiceProcess(name, f"{self.spec.host}:{port}", proc, log_path)
+    def _spawn(self, name: str, role: str, args: list[str], port: int = 0) -> ServiceProcess:
+        # start_new_session: Ctrl-C in a terminal reaches us only; we stop the children.
+        sp = launch(name, serve_command(role, args, self.spec.host, port), self.log_dir / f"{name}.log",
+                    self.spec.host, self.spec.extra_env, new_session=True)
         self.processes.append(sp)
         return sp
-
-    def _wait(self, sp: ServiceProcess, service: str, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if sp.process.poll() is not None:
-                raise ClusterError(
-                    f"{sp.name} exited with code {sp.process.returncode} during start-up; log {sp.log_path}:\n"
-                    f"{sp.log_tail()}"
-                )
-            if check_health(sp.address, service, timeout_s=1.0):
-                return
-            time.sleep(0.2)
-        raise ClusterError(f"{sp.name} did not become healthy in time; log {sp.log_path}:\n{sp.log_tail()}")
 
     def start(self) -> str:
         spec = self.spec
@@ -130,34 +213,30 @@ class LocalCluster:
                 target_model, drafter_model = spec.target_model, spec.drafter_model
             if spec.oracle_acceptance > 0:
                 drafter_model = target_model
-            common = ["--host", spec.host, "--threads", str(spec.threads), "--device", spec.device,
-                      "--dtype", spec.dtype]
+            common = ["--threads", str(spec.threads), "--device", spec.device, "--dtype", spec.dtype]
             targets = []
             for i in range(spec.targets):
-                port = free_port(spec.host)
-                args = ["target", "--model", target_model, "--port", str(port), *common]
+                args = ["--model", target_model, *common]
                 if spec.emulate_target_ms:
                     args += ["--emulate-latency-ms", spec.emulate_target_ms]
-                targets.append(self._spawn(f"target-{i}", args, port))
-            port = free_port(spec.host)
-            args = ["drafter", "--model", drafter_model, "--port", str(port), *common]
+                targets.append(self._spawn(f"target-{i}", "target", args))
+            args = ["--model", drafter_model, *common]
             if spec.emulate_drafter_ms:
                 args += ["--emulate-latency-ms", spec.emulate_drafter_ms]
             if spec.oracle_acceptance > 0:
                 args += ["--oracle-acceptance", str(spec.oracle_acceptance)]
-            drafter = self._spawn("drafter", args, port)
+            drafter = self._spawn("drafter", "drafter", args)
             deadline = time.monotonic() + spec.startup_timeout_s
             for sp in [*targets, drafter]:
-                self._wait(sp, "", deadline)
-            port = spec.port or free_port(spec.host)
+                sp.wait_listening(deadline)  # the models load in parallel
             orch = self._spawn(
                 "orchestrator",
-                ["orchestrator", "--host", spec.host, "--port", str(port),
-                 "--targets", ",".join(t.address for t in targets), "--drafter", drafter.address,
+                "orchestrator",
+                ["--targets", ",".join(t.address for t in targets), "--drafter", drafter.address,
                  "--lookahead", str(spec.lookahead), "--startup-timeout-s", str(int(spec.startup_timeout_s))],
-                port,
+                spec.port,
             )
-            self._wait(orch, "", deadline)
+            orch.wait_listening(deadline)
             self.address = orch.address
             return self.address
         except BaseException:
@@ -178,11 +257,7 @@ class LocalCluster:
                 sp.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for sp in self.processes:
-            try:
-                sp.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                sp.process.kill()
-                sp.process.wait()
+            stop_process(sp.process, max(0.1, deadline - time.monotonic()))
         self.processes.clear()
         if self._own_log_dir and not self._failed and not self.spec.keep_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)

@@ -14,8 +14,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -401,41 +399,16 @@ def cancel_to_free(
     """
     import grpc
 
-    from dsi.cluster import check_health, free_port
+    from dsi.cluster import launch_and_wait, serve_command, stop_process
     from dsi.v1 import common_pb2, target_pb2, target_pb2_grpc
 
-    port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="dsi-bench-target-")) / "target.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dsi.cli",
-                "serve",
-                "target",
-                "--model",
-                str(model),
-                "--port",
-                str(port),
-                "--threads",
-                "1",
-                "--emulate-latency-ms",
-                f"{decode_ms}:{decode_ms}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-    address = f"127.0.0.1:{port}"
+    args = ["--model", str(model), "--threads", "1", "--emulate-latency-ms", f"{decode_ms}:{decode_ms}"]
+    probe = launch_and_wait(
+        "probe target", serve_command("target", args), log_path, s.startup_timeout_s, new_session=True
+    )
+    proc, address = probe.process, probe.address
     try:
-        deadline = time.monotonic() + s.startup_timeout_s
-        while not check_health(address, timeout_s=1.0):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"probe target did not start; log {log_path}:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
         sampling = common_pb2.SamplingParams(temperature=0.0, verification=common_pb2.VERIFICATION_COUPLED)
         prefix = list(range(1, 17))
 
@@ -472,12 +445,7 @@ def cancel_to_free(
                 extra.append((time.perf_counter() - t0) * 1000 - own_ms)
                 progress(f"cancel trial {i + 1}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     return {
         "decode_ms": decode_ms,
         "cancel_after_ms": cancel_after_ms,

@@ -54,12 +54,14 @@ class DraftFlow:
         credit: int,
         sampling: Sampling,
         return_probs: bool,
+        vocab_limit: int = 0,
     ) -> None:
         self._engine = engine
         self._session_id = session_id
         self._seq = list(token_ids)
         self._sampling = sampling
         self._return_probs = return_probs
+        self._vocab_limit = vocab_limit
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[DraftToken | BaseException | None] = asyncio.Queue()
         self._cancel = threading.Event()
@@ -145,6 +147,7 @@ class DraftFlow:
             seq=list(self._seq),
             s=self._sampling,
             return_probs=self._return_probs,
+            vocab_limit=self._vocab_limit,
         )
         try:
             self._engine.runner.submit(Job(cancel=self._cancel), step, self._stepped)
@@ -180,8 +183,14 @@ class DrafterEngine:
         self.runner = runner
         self.oracle_acceptance = oracle_acceptance
 
-    def _step(self, job: Job, session_id: str, seq: list[int], s: Sampling, return_probs: bool) -> DraftToken:
+    def _step(
+        self, job: Job, session_id: str, seq: list[int], s: Sampling, return_probs: bool, vocab_limit: int = 0
+    ) -> DraftToken:
         logits, _ = self.runner.forward(job, session_id, seq, len(seq) - 1)  # [1, vocab]
+        if 0 < vocab_limit < logits.shape[-1]:
+            # Only the ids the target shares (its embedding may be smaller than ours). The coupled
+            # noise is a hash of each token id, so the slice keeps it aligned with the target's.
+            logits = logits[:, :vocab_limit]  # [1, vocab_limit]
         position = len(seq)
         if self.oracle_acceptance > 0:
             top2 = torch.topk(logits[0], 2).indices.tolist()
@@ -193,16 +202,29 @@ class DrafterEngine:
         return DraftToken(coupled_choice(logits, [position], s)[0], position)
 
     def flow(
-        self, session_id: str, token_ids: list[int], credit: int, sampling: Sampling, return_probs: bool
+        self,
+        session_id: str,
+        token_ids: list[int],
+        credit: int,
+        sampling: Sampling,
+        return_probs: bool,
+        vocab_limit: int = 0,
     ) -> DraftFlow:
-        """A flow of drafts continuing token_ids, ``credit`` of them before the next grant."""
-        return DraftFlow(self, session_id, token_ids, credit, sampling, return_probs)
+        """A flow of drafts continuing token_ids, ``credit`` of them before the next grant; every
+        draft is an id below ``vocab_limit`` (0 = any id of the model)."""
+        return DraftFlow(self, session_id, token_ids, credit, sampling, return_probs, vocab_limit)
 
     async def draft(
-        self, session_id: str, token_ids: list[int], max_tokens: int, sampling: Sampling, return_probs: bool
+        self,
+        session_id: str,
+        token_ids: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        return_probs: bool,
+        vocab_limit: int = 0,
     ) -> AsyncGenerator[DraftToken, None]:
         """Yield up to max_tokens drafts continuing token_ids; stops before the next token on cancel."""
-        flow = self.flow(session_id, token_ids, max_tokens, sampling, return_probs)
+        flow = self.flow(session_id, token_ids, max_tokens, sampling, return_probs, vocab_limit)
         flow.end_grants()
         async with contextlib.aclosing(flow.tokens()) as tokens:
             async for token in tokens:

@@ -8,8 +8,7 @@ from dsi.v1 import drafter_pb2, drafter_pb2_grpc
 from services.drafter.engine import DrafterEngine
 from services.drafter.servicer import DrafterServicer
 from services.model.runner import ModelRunner
-from services.runtime.model_server import serve_model_service
-from services.runtime.serving import configure_logging, run_async
+from services.runtime.model_server import run_model_service, serve_model_service
 from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
@@ -31,7 +30,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    settings = model_server_settings(ns, "drafter")
-    configure_logging(settings.log_level)
-    run_async(lambda: serve(settings))
-    return 0
+    return run_model_service(model_server_settings(ns, "drafter"), serve)

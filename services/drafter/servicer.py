@@ -12,7 +12,7 @@ from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.drafter.engine import DrafterEngine, DraftToken
 from services.runtime.errors import InvalidArgument, grpc_errors
 from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
-from services.runtime.validation import validate_draft, validate_draft_grant
+from services.runtime.validation import validate_draft, validate_draft_grant, validate_vocab_limit
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
@@ -31,8 +31,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     ) -> AsyncIterator[drafter_pb2.DraftResponse]:
         runner = self._engine().runner
         sampling = validate_draft(request, runner.loaded.vocab_size, runner.max_sequence_length, self.max_drafts)
+        vocab_limit = validate_vocab_limit(request.vocab_limit)
+        ids = list(request.token_ids)
         drafts = self._engine().draft(
-            request.session_id, list(request.token_ids), request.max_tokens, sampling, request.return_probs
+            request.session_id, ids, request.max_tokens, sampling, request.return_probs, vocab_limit
         )
         async with contextlib.aclosing(drafts):  # a cancel while waiting in `yield` closes the engine too
             async for token in drafts:
@@ -50,7 +52,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         start = first.start
         limit = engine.runner.max_sequence_length
         sampling = validate_draft(start, engine.runner.loaded.vocab_size, limit, self.max_drafts)
-        flow = engine.flow(start.session_id, list(start.token_ids), start.max_tokens, sampling, start.return_probs)
+        vocab_limit = validate_vocab_limit(start.vocab_limit)
+        flow = engine.flow(
+            start.session_id, list(start.token_ids), start.max_tokens, sampling, start.return_probs, vocab_limit
+        )
 
         async def read_grants() -> None:
             try:

@@ -54,16 +54,99 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Files that hold (part of) a tokenizer; a directory with none of them has no fingerprint.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "tokenizer_config.json",
+)
+
+
 def vocab_fingerprint(model_dir: str) -> str:
-    """sha256 of the tokenizer vocabulary next to the checkpoint ('' when there is none)."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
+    """A short hash of the tokenizer next to the checkpoint: which string each token id stands for,
+    added and special tokens included ('' when the directory holds no tokenizer).
+
+    The vocabulary is read through transformers' AutoTokenizer (offline: a local directory), so any
+    format it loads (tokenizer.json; vocab.json + merges.txt; vocab.txt; a sentencepiece model where
+    sentencepiece is installed) gives the same hash for the same (id, token) map: one tokenizer
+    saved in two formats matches. Where AutoTokenizer cannot load it (e.g. no tokenizer class for the
+    config, or no sentencepiece), tokenizer.json / vocab.json / vocab.txt are read directly into the
+    same map; a sentencepiece file is then hashed as bytes, which only matches the same file. Merges
+    are not hashed: they decide how text is split, not what an id means, and only the orchestrator
+    tokenizes. Never raises: a tokenizer that cannot be read is logged and fingerprinted ''.
+    """
+    root = Path(model_dir)
+    if not any((root / name).is_file() for name in _TOKENIZER_FILES):
         return ""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    vocab = data.get("model", {}).get("vocab", {})
-    added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
-    payload = json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), added], ensure_ascii=False)
+    pairs: dict[int, str] | bytes | None
+    try:
+        pairs = _vocab_from_auto_tokenizer(root)
+    except Exception as exc:  # noqa: BLE001 - any loader failure falls back to reading the files
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        log.info("AutoTokenizer could not load %s (%s); reading its vocabulary files", root, first_line)
+        pairs = None
+    if pairs is None:
+        try:
+            pairs = _vocab_from_files(root)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            log.warning("could not read the tokenizer vocabulary in %s (%s); no fingerprint", root, exc)
+            return ""
+    if isinstance(pairs, bytes):
+        return "raw-" + hashlib.sha256(pairs).hexdigest()[:12]
+    if not pairs:
+        return ""
+    payload = json.dumps(sorted(pairs.items()), ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _vocab_from_auto_tokenizer(root: Path) -> dict[int, str]:
+    """id -> token of the tokenizer transformers loads from root (the one the orchestrator uses)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    pairs = {int(i): str(t) for t, i in tokenizer.get_vocab().items()}
+    for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        pairs[int(i)] = str(token)
+    return pairs
+
+
+def _vocab_from_files(root: Path) -> dict[int, str] | bytes:
+    """id -> token read from the vocabulary file itself, or a sentencepiece model's bytes."""
+    pairs: dict[int, str] = {}
+    added: list[tuple[int, str]] = []
+    tokenizer_json = root / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab", {})
+        if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+            pairs = {int(i): str(t) for t, i in vocab.items()}
+        else:  # Unigram: [[piece, score], ...] in id order
+            pairs = {i: str(entry[0]) for i, entry in enumerate(vocab)}
+        added = [(int(t["id"]), str(t["content"])) for t in data.get("added_tokens", [])]
+    elif (root / "vocab.json").is_file():
+        vocab = json.loads((root / "vocab.json").read_text(encoding="utf-8"))
+        pairs = {int(i): str(t) for t, i in vocab.items()}
+    elif (root / "vocab.txt").is_file():
+        lines = (root / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        pairs = {i: line for i, line in enumerate(lines)}
+    else:
+        for name in ("tokenizer.model", "spiece.model"):
+            if (root / name).is_file():
+                return (root / name).read_bytes()
+        return {}  # tokenizer_config.json alone: no vocabulary to hash
+    if not tokenizer_json.is_file():
+        added_json = root / "added_tokens.json"
+        if added_json.is_file():
+            added += [(int(i), str(t)) for t, i in json.loads(added_json.read_text(encoding="utf-8")).items()]
+        config = root / "tokenizer_config.json"
+        if config.is_file():
+            decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+            added += [(int(i), str(t["content"])) for i, t in decoder.items()]
+    pairs.update(added)
+    return pairs
 
 
 def _as_ids(value: Any) -> list[int]:

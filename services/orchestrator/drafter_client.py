@@ -56,11 +56,15 @@ class GrpcDrafterClient:
         sampling: common_pb2.SamplingParams,
         request_id: str,
         deadline_s: float,
+        vocab_limit: int = 0,
     ) -> None:
+        """``vocab_limit``: drafts are ids below it (the targets' number of logits, so a drafter whose
+        embedding is padded beyond them never proposes an id they cannot score); 0 = any."""
         self.stub = stub
         self.sampling = sampling
         self.request_id = request_id
         self.deadline_s = deadline_s
+        self.vocab_limit = vocab_limit
 
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> GrpcDraftStream:
         request = drafter_pb2.DraftRequest(
@@ -70,5 +74,6 @@ class GrpcDrafterClient:
             max_tokens=max_tokens,
             sampling=self.sampling,
             return_probs=return_probs,
+            vocab_limit=self.vocab_limit,
         )
         return GrpcDraftStream(self.stub, request, self.deadline_s)

@@ -29,20 +29,53 @@ class StartupError(RuntimeError):
 
 
 def check_vocabularies(target: common_pb2.ModelInfo, drafter: common_pb2.ModelInfo, tokenizer_len: int) -> None:
-    """Refuse a target/drafter pair that does not share a vocabulary."""
-    if target.vocab_size != drafter.vocab_size:
-        raise StartupError(
-            f"target {target.model!r} ({target.vocab_size} logits) and drafter {drafter.model!r} "
-            f"({drafter.vocab_size} logits) do not share a vocabulary; use a drafter trained with the "
-            "target's tokenizer"
-        )
-    if target.vocab_fingerprint and drafter.vocab_fingerprint and target.vocab_fingerprint != drafter.vocab_fingerprint:
-        raise StartupError(
-            f"target {target.model!r} and drafter {drafter.model!r} have different tokenizers "
-            f"(vocabulary hashes {target.vocab_fingerprint} != {drafter.vocab_fingerprint})"
-        )
+    """Refuse a target/drafter pair that does not share a vocabulary.
+
+    Checkpoints often pad their embedding beyond the tokenizer (to a multiple of 64, say), so the
+    number of logits alone says little. A pair is accepted when
+
+    - both have as many logits and their tokenizers do not differ (a side without a tokenizer
+      fingerprint is not compared), or
+    - the drafter has MORE logits and both tokenizers are known and identical: the extra rows are
+      padding. The orchestrator sends the target's size as ``DraftRequest.vocab_limit`` so the
+      drafter never proposes an id the target cannot score; or
+    - the drafter has FEWER logits, both tokenizers are known and identical and the tokenizer fits in
+      the drafter's logits: its drafts are a subset of the target's ids. Only if the target itself
+      commits one of its padding ids (which no tokenizer produces and a trained model practically
+      never samples) would the drafter refuse that prefix; the request then continues target-only,
+      still lossless.
+
+    In every case the tokenizer must fit in the target's logits.
+    """
     if tokenizer_len > target.vocab_size:
         raise StartupError(f"the tokenizer has {tokenizer_len} tokens but the target only {target.vocab_size} logits")
+    target_fp, drafter_fp = target.vocab_fingerprint, drafter.vocab_fingerprint
+    if target_fp and drafter_fp and target_fp != drafter_fp:
+        raise StartupError(
+            f"target {target.model!r} and drafter {drafter.model!r} do not share a vocabulary: their "
+            f"tokenizers differ (vocabulary hashes {target_fp} != {drafter_fp}); use a drafter trained with "
+            "the target's tokenizer"
+        )
+    if target.vocab_size == drafter.vocab_size:
+        return
+    same_tokenizer = bool(target_fp) and target_fp == drafter_fp
+    sizes = f"drafter {drafter.vocab_size} logits, target {target.vocab_size}, same tokenizer"
+    if same_tokenizer and drafter.vocab_size > target.vocab_size:
+        log.info("%s: drafts are limited to ids below %d", sizes, target.vocab_size)
+        return
+    if same_tokenizer and tokenizer_len <= drafter.vocab_size:
+        log.info("%s: the drafter proposes a subset of the target's ids", sizes)
+        return
+    why = (
+        "the tokenizers could not be compared (ship the tokenizer files next to both checkpoints)"
+        if not same_tokenizer
+        else f"the tokenizer ({tokenizer_len} tokens) does not fit in the drafter's logits"
+    )
+    raise StartupError(
+        f"target {target.model!r} ({target.vocab_size} logits) and drafter {drafter.model!r} "
+        f"({drafter.vocab_size} logits) do not share a vocabulary: {why}; use a drafter trained with the "
+        "target's tokenizer"
+    )
 
 
 async def _target_info(pool: TargetPool) -> common_pb2.ModelInfo:
@@ -87,7 +120,10 @@ async def serve(settings: OrchestratorSettings) -> None:
     server = GrpcServer(settings.server, [SERVICE_NAME], "orchestrator")
     servicer = OrchestratorServicer()
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server.server)
-    await server.start()
+    try:
+        await server.start()
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise StartupError(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}") from exc
     metrics = OrchestratorMetrics()
     start_metrics_server(settings.server.metrics_port, metrics.registry)
     pool = TargetPool([], settings.deadline_s, settings.health_interval_s, metrics=metrics)
@@ -123,12 +159,19 @@ async def serve(settings: OrchestratorSettings) -> None:
             max_lookahead=settings.max_lookahead,
             default_lookahead=settings.default_lookahead,
             default_sp_degree=settings.default_sp_degree,
+            max_sequence_length=target_model.max_sequence_length,
+            draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
-        orchestrator = Orchestrator(pool, drafter_stub, tokenizer, limits, eos, settings.deadline_s, metrics)
+        orchestrator = Orchestrator(
+            pool, drafter_stub, tokenizer, limits, eos, settings.deadline_s, metrics, settings.reproducible
+        )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()
         await server.wait_and_stop()
     finally:
+        # A refusal ends serve() with the gRPC server still running: stop it while the event loop is
+        # alive, or its finaliser later schedules the stop on a closed loop ("Event loop is closed").
+        await server.server.stop(None)
         discovery.stop()
         await pool.close()
         if drafter_channel is not None:
@@ -145,6 +188,6 @@ def main(ns: argparse.Namespace) -> int:
     try:
         run_async(lambda: serve(settings))
     except StartupError as exc:
-        log.error("%s", exc)
+        log.error("refusing to start: %s", exc)
         return 1
     return 0

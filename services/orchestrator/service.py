@@ -77,7 +77,9 @@ class Orchestrator:
         sampling = sampling_to_pb(params.sampling)
         drafter = None
         if self.drafter_stub is not None and params.mode != "nonsi":
-            drafter = GrpcDrafterClient(self.drafter_stub, sampling, request_id, self.deadline_s)
+            drafter = GrpcDrafterClient(
+                self.drafter_stub, sampling, request_id, self.deadline_s, vocab_limit=self.limits.vocab_size
+            )
         scheduler = Scheduler(
             PoolTargetClient(
                 self.pool, sampling, request_id, (len(prompt), params.lookahead + 1) if self.reproducible else None

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
 
 from dsi.v1 import common_pb2
-from services.model.loading import load_causal_lm
+from services.model.loading import ModelLoadError, load_causal_lm
 from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
 from services.runtime.errors import Unavailable
-from services.runtime.serving import GrpcServer
+from services.runtime.serving import GrpcServer, configure_logging, run_async
 from services.runtime.settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,21 @@ async def serve_model_service(
     """
     server = GrpcServer(settings.server, [service_name], settings.role)
     add_servicer(server.server)
-    await server.start()
+    try:
+        await server.start()
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise ModelLoadError(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}") from exc
     loop = asyncio.get_running_loop()
     model_path = resolve_model_path(settings)
     log.info("loading %s model %s on %s", settings.role, model_path, settings.device)
-    loaded = await loop.run_in_executor(
-        None, lambda: load_causal_lm(model_path, settings.device, settings.dtype, settings.threads)
-    )
+    try:
+        loaded = await loop.run_in_executor(
+            None, lambda: load_causal_lm(model_path, settings.device, settings.dtype, settings.threads)
+        )
+    except BaseException:
+        # Stop the server while the loop is alive (its finaliser would run on a closed loop).
+        await server.server.stop(None)
+        raise
     runner = ModelRunner(
         loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation, settings.max_sequence_tokens
     )
@@ -102,6 +110,20 @@ async def serve_model_service(
     finally:
         runner.close()
         del loaded
+
+
+def run_model_service(
+    settings: ModelServerSettings, serve: Callable[[ModelServerSettings], Coroutine[Any, Any, None]]
+) -> int:
+    """Run a model service's ``serve`` to the end; a model that cannot be loaded (or a port that
+    cannot be bound) is one clear error line and exit status 1, not a traceback."""
+    configure_logging(settings.log_level)
+    try:
+        run_async(lambda: serve(settings))
+    except ModelLoadError as exc:
+        log.error("refusing to start: %s", exc)
+        return 1
+    return 0
 
 
 def not_loaded(role: str) -> Unavailable:

@@ -6,8 +6,7 @@ import argparse
 
 from dsi.v1 import target_pb2, target_pb2_grpc
 from services.model.runner import ModelRunner
-from services.runtime.model_server import serve_model_service
-from services.runtime.serving import configure_logging, run_async
+from services.runtime.model_server import run_model_service, serve_model_service
 from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 from services.target.engine import TargetEngine
 from services.target.servicer import TargetServicer
@@ -31,7 +30,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    settings = model_server_settings(ns, "target")
-    configure_logging(settings.log_level)
-    run_async(lambda: serve(settings))
-    return 0
+    return run_model_service(model_server_settings(ns, "target"), serve)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -49,12 +48,6 @@ def compose_cli_unavailable() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def healthy_targets(address: str) -> list[str]:
     from dsi.client import Client
 
@@ -80,10 +73,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, 
         pytest.skip(f"e2e compose cluster needs Docker: {reason}")
     from testcontainers.compose import DockerCompose
 
-    port = free_port()
     env = {
         "COMPOSE_PROJECT_NAME": f"dsi-e2e-{os.getpid()}",  # never touch a user's own `dsi` project
-        "DSI_PORT": str(port),
+        "DSI_PORT": "0",  # Docker picks a free host port, read back below: no port picked here and raced for
         "DSI_MODELS_DIR": str(tmp_path_factory.mktemp("models")),  # the built-in pair; keep ./ clean
         "DSI_THREADS": "1",
         "DSI_RESOLVE_INTERVAL_S": "1",
@@ -98,6 +90,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, 
             pytest.fail(f"`docker compose up` failed: {exc.stderr.decode(errors='replace')[-3000:]}\n"
                         f"service logs:\n{out[-6000:]}\n{err[-3000:]}")
         try:
+            port = compose.get_service_port("orchestrator", 50051)
+            if not port:
+                pytest.fail("docker compose published no host port for the orchestrator's 50051")
             yield compose, f"127.0.0.1:{port}"
         finally:
             compose.stop()

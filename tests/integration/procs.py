@@ -1,18 +1,17 @@
-"""Starting services as real processes on free loopback ports, and in-process references."""
+"""Starting services as real processes (``--port 0``, the bound port read back from their output),
+and in-process references."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsi.cluster import check_health, free_port
+from dsi.cluster import launch_and_wait, serve_command, stop_process
 
 
 @dataclass
@@ -23,13 +22,7 @@ class Service:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=15.0)
 
     def kill(self) -> None:
         self.process.kill()
@@ -37,25 +30,12 @@ class Service:
 
 
 def start_service(role: str, args: list[str], log_dir: Path, timeout_s: float = 120.0) -> Service:
-    """Start `dsi serve ROLE ARGS --port P` and wait (polling health) until it is SERVING."""
-    port = free_port()
-    log = log_dir / f"{role}-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dsi.cli", "serve", role, "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )
-    service = Service(role, f"127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{role} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        if check_health(service.address, timeout_s=1.0):
-            return service
-        time.sleep(0.1)
-    service.stop()
-    raise RuntimeError(f"{role} not healthy after {timeout_s}s:\n{log.read_text(errors='replace')[-3000:]}")
+    """Start `dsi serve ROLE --port 0 ARGS` and wait until it reports the port it is SERVING on."""
+    fd, name = tempfile.mkstemp(prefix=f"{role}-", suffix=".log", dir=log_dir)  # unique across threads
+    os.close(fd)
+    log = Path(name)
+    sp = launch_and_wait(role, serve_command(role, args), log, timeout_s)
+    return Service(role, sp.address, sp.process, log)
 
 
 def greedy_reference(model_dir: Path | str, prompt_ids: list[int], n: int) -> list[int]:

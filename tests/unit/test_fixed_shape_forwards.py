@@ -73,7 +73,9 @@ def _sequence(seed: int) -> list[int]:
     return [rng.randrange(1, VOCAB) for _ in range(LENGTH)]
 
 
-def _nonsi_rows(runner: ModelRunner, seq: list[int], chunking: Chunking | None, session: str) -> dict[int, torch.Tensor]:
+def _nonsi_rows(
+    runner: ModelRunner, seq: list[int], chunking: Chunking | None, session: str
+) -> dict[int, torch.Tensor]:
     """Position -> logits, computed one position per call (the non-SI step)."""
     return {j: _call(runner, session, seq[:j], j - 1, chunking)[0] for j in range(PROMPT, LENGTH)}
 
