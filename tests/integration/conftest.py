@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dsi.tiny_models import TinyPairSpec, build_tiny_pair
+from dsi.tiny_models import TinyPairSpec, build_tiny_arch_pair, build_tiny_pair
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,20 @@ def deep_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("deep-pair")
     return build_tiny_pair(root, TinyPairSpec(seed=1, vocab_size=384, hidden_size=32, target_layers=12,
                                               drafter_layers=12, drafter_noise=0.03))
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """``get(arch)``: the tiny target/drafter pair of an architecture family in
+    ``dsi.tiny_models.ARCHITECTURES`` (sliding window 16 where the family has one), built on first use."""
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in built:
+            built[arch] = build_tiny_arch_pair(tmp_path_factory.mktemp(f"arch-{arch}"), arch, sliding_window=16)
+        return built[arch]
+
+    return get
 
 
 @pytest.fixture()
