@@ -156,6 +156,99 @@ def register(subparsers: Any) -> None:
         help="2x2 grid (c 0.1,0.5; a 0.6,0.95), 2 prompts, 24 tokens; explicit flags still win",
     )
     p.set_defaults(func=_run)
+    commands = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    _register_precision(commands)
+
+
+def _register_precision(subparsers: Any) -> None:
+    """``dsi bench precision`` (see :mod:`dsi.bench.precision`)."""
+    from dsi.bench.precision import DTYPES, PrecisionSettings
+
+    d = PrecisionSettings()
+    p = subparsers.add_parser(
+        "precision",
+        help="how often DSI, SI and non-SI disagree in float32, bfloat16 and float16 (tiny architectures)",
+        description=(
+            "For each tiny architecture pair and dtype, start a cluster (targets and drafter in that dtype), "
+            "run non-SI once, SI once and DSI --repeats times per prompt (greedy, and seeded sampling), and "
+            "transformers' generate in-process in the same dtype; count the prompts where DSI or SI differ "
+            "from non-SI, where DSI runs differ among themselves and where non-SI differs from transformers, "
+            "with the median first divergence and ms/token per mode. Prints a table, writes "
+            "--out-dir/--out-name (JSON) and a markdown table next to it."
+        ),
+    )
+    add_flag(p, "--archs", env="DSI_BENCH_PRECISION_ARCHS", type=_names, default=[],
+             help="comma-separated architecture families (default: all of dsi.tiny_models.ARCHITECTURES)")
+    add_flag(p, "--dtypes", env="DSI_BENCH_PRECISION_DTYPES", type=_names, default=list(DTYPES),
+             help=f"comma-separated dtypes (default {','.join(DTYPES)})")
+    add_flag(p, "--prompts", env="DSI_BENCH_PRECISION_PROMPTS", type=int, default=d.prompts, help="prompts per row")
+    add_flag(p, "--new-tokens", env="DSI_BENCH_PRECISION_NEW_TOKENS", type=int, default=d.new_tokens,
+             help="tokens per generation (EOS ignored)")
+    add_flag(p, "--repeats", env="DSI_BENCH_PRECISION_REPEATS", type=int, default=d.repeats,
+             help="DSI runs per prompt")
+    add_flag(p, "--targets", env="DSI_BENCH_PRECISION_TARGETS", type=int, default=d.targets,
+             help="target instances (= SP degree)")
+    add_flag(p, "--lookahead", env="DSI_BENCH_PRECISION_LOOKAHEAD", type=int, default=d.lookahead,
+             help="drafts per window")
+    add_flag(p, "--emulate-latency-ms", env="DSI_BENCH_PRECISION_EMULATE_LATENCY_MS", default=d.emulate_latency_ms,
+             help="targets' PREFILL:DECODE padding (windows overlap and get cancelled); '' = off")
+    add_flag(p, "--drafter-latency-ms", env="DSI_BENCH_PRECISION_DRAFTER_LATENCY_MS", default=d.drafter_latency_ms,
+             help="drafter's PREFILL:DECODE padding; '' = off")
+    add_flag(p, "--temperature", env="DSI_BENCH_PRECISION_TEMPERATURE", type=float, default=d.temperature,
+             help="temperature of the seeded-sampling row")
+    add_flag(p, "--seed", env="DSI_BENCH_PRECISION_SEED", type=int, default=d.seed,
+             help="seed of the seeded-sampling row's first prompt (prompt i: seed + i)")
+    add_flag(p, "--no-seeded", env="DSI_BENCH_PRECISION_NO_SEEDED", action="store_true",
+             help="greedy row only")
+    add_flag(p, "--orchestrator-arg", env="DSI_BENCH_PRECISION_ORCHESTRATOR_ARG", action="append", default=None,
+             help="extra flag for 'dsi serve orchestrator' (repeatable; write it as --orchestrator-arg=--flag)")
+    add_flag(p, "--threads", env="DSI_BENCH_PRECISION_THREADS", type=int, default=d.threads,
+             help="torch threads per model service and of the in-process reference")
+    add_flag(p, "--out-dir", env="DSI_BENCH_PRECISION_OUT_DIR", default=d.out_dir, help="where the results go")
+    add_flag(p, "--out-name", env="DSI_BENCH_PRECISION_OUT_NAME", default=d.out_name,
+             help="JSON file name (the markdown table gets the same stem, .md)")
+    p.set_defaults(func=_run_precision)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _run_precision(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsi.bench.precision import PrecisionSettings, print_report, run_precision, total_steps, write_outputs
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    s = PrecisionSettings(
+        archs=ns.archs, dtypes=ns.dtypes, prompts=ns.prompts, new_tokens=ns.new_tokens, repeats=ns.repeats,
+        targets=ns.targets, lookahead=ns.lookahead, emulate_latency_ms=ns.emulate_latency_ms,
+        drafter_latency_ms=ns.drafter_latency_ms, temperature=ns.temperature, seed=ns.seed,
+        seeded=not ns.no_seeded, orchestrator_args=list(ns.orchestrator_arg or []), threads=ns.threads,
+        out_dir=ns.out_dir, out_name=ns.out_name,
+    )
+    errors = s.validate()
+    if errors:
+        for e in errors:
+            print(f"dsi bench precision: {e}", file=sys.stderr)
+        return 2
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("dsi bench precision", total=total_steps(s))
+
+        def step(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+            if not err.is_terminal and "cluster up" in what:  # no live bar: log each cell
+                print(f"dsi bench precision: {what}", file=sys.stderr, flush=True)
+
+        result = run_precision(s, step)
+    print_report(result, console)
+    paths = write_outputs(result, Path(s.out_dir), s.out_name)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if any(c["error"] for c in result["cells"]) else 0
 
 
 def _run(ns: argparse.Namespace) -> int:
