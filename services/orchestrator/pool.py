@@ -83,6 +83,8 @@ class TargetPool:
         self._seq = itertools.count()
         self._health_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        # Session id -> addresses of the instances that were sent any of its windows (for Release).
+        self._sent: dict[str, set[str]] = {}
         self.set_addresses(addresses)
 
     # -- membership and health -------------------------------------------------------------------
@@ -265,6 +267,8 @@ class TargetPool:
         retries = 0
         while True:
             inst = await self._acquire(window)
+            # Sent, so the instance may hold the session from now on, whatever the call's outcome.
+            self._sent.setdefault(window.session_id, set()).add(inst.address)
             started = time.perf_counter()
             call = inst.stub.Verify(request, timeout=self.deadline_s)
             try:
@@ -296,7 +300,12 @@ class TargetPool:
             return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)
 
     async def release_session(self, session_id: str) -> None:
-        holders = [i for i in self.instances.values() if i.sessions.pop(session_id, None) is not None]
+        """Drop the session on every instance that was ever sent one of its windows (the target
+        creates it before the forward, so a window cancelled or failed there leaves one too)."""
+        sent = self._sent.pop(session_id, set())
+        holders = [
+            i for i in self.instances.values() if (i.sessions.pop(session_id, None) is not None) or i.address in sent
+        ]
         await asyncio.gather(
             *(i.stub.Release(target_pb2.TargetReleaseRequest(session_id=session_id), timeout=5.0) for i in holders),
             return_exceptions=True,

@@ -61,6 +61,7 @@ class Orchestrator:
         self.deadline_s = deadline_s
         self.metrics = metrics
         self.reproducible = reproducible
+        self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
 
     def tokenize(self, params: GenerateParams) -> list[int]:
@@ -140,15 +141,17 @@ class Orchestrator:
                 request_id=request_id,
             )
         finally:
-            if not run.done():
-                run.cancel()
-                outcome = "cancelled"
-                try:
-                    await run
-                except BaseException:  # noqa: BLE001 - cancelled
-                    pass
-            self.metrics.observe(scheduler.stats, outcome)
-            asyncio.ensure_future(self._release(request_id))
+            try:
+                if not run.done():
+                    run.cancel()
+                    outcome = "cancelled"
+                    # Lets the scheduler cancel its windows; raises if *this* generator is cancelled.
+                    await asyncio.wait({run})
+            finally:
+                self.metrics.observe(scheduler.stats, outcome)
+                release = asyncio.create_task(self._release(request_id))
+                self._background.add(release)  # a reference, so the task is not collected mid-way
+                release.add_done_callback(self._background.discard)
 
     async def _release(self, session_id: str) -> None:
         from dsi.v1 import drafter_pb2

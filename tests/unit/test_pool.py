@@ -89,3 +89,60 @@ def test_metrics_count_a_request() -> None:
     assert value("dsi_drafts_accepted_total", {"mode": "dsi"}) == 6
     assert value("dsi_generated_tokens_total", {"mode": "dsi", "source": "target"}) == 4
     assert value("dsi_requests_total", {"mode": "dsi", "outcome": "ok"}) == 1
+
+
+class _FakeCall:
+    """A unary call that answers after ``delay`` seconds; cancel() is what the pool does on a cancel."""
+
+    def __init__(self, delay: float, tokens: list[int]) -> None:
+        self.delay, self.tokens, self.cancelled = delay, tokens, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        async def answer():  # type: ignore[no-untyped-def]
+            from dsi.v1 import target_pb2
+
+            await asyncio.sleep(self.delay)
+            return target_pb2.VerifyResponse(token_ids=self.tokens)
+
+        return answer().__await__()
+
+
+class _FakeStub:
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.released: list[str] = []
+
+    def Verify(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802 - gRPC's name
+        return _FakeCall(self.delay, [7])
+
+    async def Release(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.released.append(request.session_id)
+
+
+def test_a_session_is_released_on_every_instance_that_was_sent_a_window() -> None:
+    """The target creates the session before its forward, so an instance that only ever ran a
+    cancelled window holds it too and must get a Release."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> dict[str, list[str]]:
+        pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
+        stubs = {"127.0.0.1:1": _FakeStub(delay=10.0), "127.0.0.1:2": _FakeStub(delay=0.0)}
+        for address, inst in pool.instances.items():
+            inst.healthy = True
+            inst.stub = stubs[address]  # type: ignore[assignment]
+        sampling = common_pb2.SamplingParams()
+        slow = asyncio.ensure_future(pool.verify(window("s", [1, 2], 1, 0), sampling, "r"))
+        await asyncio.sleep(0.01)  # the slow window holds instance 1 ...
+        await pool.verify(window("s", [1, 2, 3], 0, 0), sampling, "r")  # ... this one runs on 2
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        await pool.release_session("s")
+        await pool.release_session("s")  # a second release sends nothing more
+        await pool.close()
+        return {a: s.released for a, s in stubs.items()}
+
+    assert asyncio.run(main()) == {"127.0.0.1:1": ["s"], "127.0.0.1:2": ["s"]}

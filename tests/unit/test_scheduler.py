@@ -175,3 +175,42 @@ def test_no_draft_is_asked_past_the_drafters_context(mode: str) -> None:
     assert drafter.opened > 0
     for stream in drafter.streams:
         assert len(stream.prefix) + sum(stream.grants) <= limit
+
+
+class _SlowCancelTarget(FakeTarget):
+    """Cancelled windows take a while to wind down (the remote cancel's round trip); the first such
+    cancel also cancels the request itself, so the request's cancel lands while the scheduler waits
+    for its windows at an epoch boundary."""
+
+    run_task: asyncio.Task | None = None
+
+    async def verify(self, window):  # type: ignore[no-untyped-def]
+        try:
+            return await super().verify(window)
+        except asyncio.CancelledError:
+            if self.run_task is not None and not self.run_task.done():
+                self.run_task.cancel()
+                self.run_task = None
+            await asyncio.sleep(0.05)
+            raise
+
+
+def test_a_cancel_at_an_epoch_boundary_stops_the_request() -> None:
+    target = _SlowCancelTarget(instances=4, latency=1.0)
+    drafter = FakeDrafter(latency=0.1, acceptance=0.5)
+    out: list[int] = []
+
+    async def main() -> tuple[int, int]:
+        sched = Scheduler(target, drafter, SchedulerConfig(mode="dsi", lookahead=3, max_new_tokens=200), "s1")
+        task = asyncio.ensure_future(sched.run(PROMPT, lambda tok: out.append(tok.token_id) or False))
+        target.run_task = task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        epochs, calls = sched.stats.epochs, len(target.calls)
+        await asyncio.sleep(10.0)  # nothing of the request may run after its cancel
+        assert len(target.calls) == calls and sched.stats.epochs == epochs
+        return epochs, len(out)
+
+    epochs, committed = run_virtual(main)
+    assert target.run_task is None  # the cancel did land while an epoch was closing
+    assert epochs <= 2 and committed < 200
