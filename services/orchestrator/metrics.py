@@ -5,6 +5,9 @@ Useful PromQL:
 - tokens per second: sum(rate(dsi_generated_tokens_total[1m])) by (mode)
 - speculation waste: rate(dsi_wasted_target_seconds_total[5m]) / sum(rate(dsi_target_busy_seconds_total[5m]))
 - preemption rate:   rate(dsi_windows_cancelled_total[5m]) / rate(dsi_windows_dispatched_total[5m])
+- target cost:       rate(dsi_target_forwards_total[5m]) / sum(rate(dsi_generated_tokens_total[5m])) by (mode)
+  (forward passes per committed token: 1 for non-SI, lower when drafts are accepted)
+- critical-path wait: rate(dsi_critical_queue_wait_seconds_total[5m]) / rate(dsi_generated_tokens_total[5m])
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ class OrchestratorMetrics:
         self.wasted_target_s = Counter(
             "dsi_wasted_target_seconds", "Target time on cancelled or discarded windows", ["mode"], registry=r
         )
+        self.target_forwards = Counter(
+            "dsi_target_forwards", "Windows that held a target (completed or cancelled after starting)", ["mode"],
+            registry=r,
+        )
+        self.critical_queue_wait_s = Counter(
+            "dsi_critical_queue_wait_seconds", "Seconds critical-path windows waited for a free target", ["mode"],
+            registry=r,
+        )
         self.retries = Counter("dsi_window_retries", "Windows retried on another target", registry=r)
         self.target_busy = Counter(
             "dsi_target_busy_seconds", "Seconds each target instance spent on windows", ["target"], registry=r
@@ -58,6 +69,8 @@ class OrchestratorMetrics:
         self.drafts_accepted.labels(m).inc(stats.drafts_accepted)
         self.epochs.labels(m).inc(stats.epochs)
         self.wasted_target_s.labels(m).inc(stats.wasted_target_s)
+        self.target_forwards.labels(m).inc(stats.target_forwards)
+        self.critical_queue_wait_s.labels(m).inc(stats.critical_queue_wait_s)
         self.request_seconds.labels(m).observe(stats.wall_s)
         if stats.new_tokens:
             self.ttft_seconds.labels(m).observe(stats.ttft_s)

@@ -266,7 +266,12 @@ class TargetPool:
             request.draft_probs.add(token_ids=ids, probs=probs)
         retries = 0
         while True:
-            inst = await self._acquire(window)
+            asked = time.perf_counter()
+            try:
+                inst = await self._acquire(window)
+            finally:
+                window.timing.queued_s += time.perf_counter() - asked
+            window.timing.acquired += 1
             # Sent, so the instance may hold the session from now on, whatever the call's outcome.
             self._sent.setdefault(window.session_id, set()).add(inst.address)
             started = time.perf_counter()
@@ -289,6 +294,7 @@ class TargetPool:
                 continue
             finally:
                 elapsed = time.perf_counter() - started
+                window.timing.held_s += elapsed
                 inst.busy_s += elapsed
                 if self.metrics is not None:
                     self.metrics.target_busy.labels(inst.address).inc(elapsed)

@@ -49,6 +49,16 @@ class Draft:
     probs: tuple[list[int], list[float]] | None = None
 
 
+@dataclass
+class WindowTiming:
+    """Filled in by the target client as the window runs: seconds waiting for a free target
+    instance, seconds holding one (the call itself) and how many times it got one (retries count)."""
+
+    queued_s: float = 0.0
+    held_s: float = 0.0
+    acquired: int = 0
+
+
 @dataclass(frozen=True)
 class WindowRequest:
     """Verify drafts token_ids[first_position:] given token_ids[:first_position]."""
@@ -61,6 +71,7 @@ class WindowRequest:
     # Arrival order of the request: among equal ranks, older requests go first.
     request_seq: int
     draft_probs: list[tuple[list[int], list[float]]] | None = None
+    timing: WindowTiming = field(default_factory=WindowTiming, compare=False)
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,8 @@ class RequestStats:
     epochs: int = 0
     max_windows_in_flight: int = 0
     wasted_target_s: float = 0.0
+    target_forwards: int = 0
+    critical_queue_wait_s: float = 0.0
     retries: int = 0
     drafter_failed: bool = False
     tokens_from_drafts: int = 0
@@ -179,7 +192,7 @@ class _Window:
     start: int  # first draft index (relative to the epoch base)
     end: int  # one past the last draft index; the bonus position is base + end
     task: asyncio.Task[WindowResult]
-    dispatched_at: float
+    request: WindowRequest
     result: WindowResult | None = None
 
 
@@ -314,6 +327,12 @@ class Scheduler:
             return i + 1, (_EpochEnd.DONE if self._done() else _EpochEnd.RESYNC)
         return decided, (_EpochEnd.DONE if self._done() else None)
 
+    def _account(self, window: WindowRequest) -> None:
+        """Target cost of a finished window (completed, failed or cancelled)."""
+        self.stats.target_forwards += window.timing.acquired
+        if window.rank == 0:
+            self.stats.critical_queue_wait_s += window.timing.queued_s
+
     def _window_request(self, base: int, drafts: list[Draft], start: int, end: int, rank: int) -> WindowRequest:
         probs = None
         if self.cfg.rejection:
@@ -335,7 +354,11 @@ class Scheduler:
             self.stats.epochs += 1
             self.stats.windows_dispatched += 1
             self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, 1)
-            result = await self.target.verify(self._window_request(base, [], 0, 0, 0))
+            request = self._window_request(base, [], 0, 0, 0)
+            try:
+                result = await self.target.verify(request)
+            finally:
+                self._account(request)
             self.stats.retries += result.retries
             self.stats.windows_applied += 1
             self._apply(base, [], 0, 0, result)
@@ -370,7 +393,11 @@ class Scheduler:
             drafts = await self._collect_drafts(base, count) if self.drafter is not None and count > 0 else []
             self.stats.windows_dispatched += 1
             self.stats.max_windows_in_flight = max(self.stats.max_windows_in_flight, 1)
-            result = await self.target.verify(self._window_request(base, drafts, 0, len(drafts), 0))
+            request = self._window_request(base, drafts, 0, len(drafts), 0)
+            try:
+                result = await self.target.verify(request)
+            finally:
+                self._account(request)
             self.stats.retries += result.retries
             self.stats.windows_applied += 1
             self._apply(base, drafts, 0, 0, result)
@@ -425,7 +452,7 @@ class Scheduler:
         rank = len(ep.windows) - ep.applied
         request = self._window_request(ep.base, ep.drafts, start, end, rank)
         task = asyncio.ensure_future(self.target.verify(request))
-        window = _Window(start, end, task, self.clock())
+        window = _Window(start, end, task, request)
         task.add_done_callback(functools.partial(self._window_done, ep, window))
         ep.windows.append(window)
         self.stats.windows_dispatched += 1
@@ -489,18 +516,20 @@ class Scheduler:
             ep.stream.cancel()
         if ep.reader is not None and not ep.reader.done():
             ep.reader.cancel()
-        now = self.clock()
         pending = []
         for w in ep.windows[ep.applied :]:
             if not w.task.done():
                 w.task.cancel()
                 pending.append(w.task)
                 self.stats.windows_cancelled += 1
-                self.stats.wasted_target_s += now - w.dispatched_at
-            elif not w.task.cancelled() and w.task.exception() is None:
-                self.stats.wasted_target_s += w.task.result().compute_s  # computed, never applied
-        if pending:
-            # Waits for the cancels to reach the targets. Unlike awaiting each task (whose
-            # CancelledError could not be told from a cancel of this request), asyncio.wait raises
-            # only when *this* task is cancelled, so a request cancelled here stops here.
-            await asyncio.wait(pending)
+        try:
+            if pending:
+                # Waits for the cancels to reach the targets. Unlike awaiting each task (whose
+                # CancelledError could not be told from a cancel of this request), asyncio.wait raises
+                # only when *this* task is cancelled, so a request cancelled here stops here.
+                await asyncio.wait(pending)
+        finally:
+            for i, w in enumerate(ep.windows):
+                self._account(w.request)
+                if i >= ep.applied:  # cancelled, or computed and never applied: target time lost
+                    self.stats.wasted_target_s += w.request.timing.held_s

@@ -45,6 +45,8 @@ def chunk_to_pb(chunk: Chunk) -> orchestrator_pb2.GenerateResponse:
                 wall_s=s.wall_s,
                 tokens_per_s=s.tokens_per_s,
                 wasted_target_s=s.wasted_target_s,
+                target_forwards=s.target_forwards,
+                critical_queue_wait_s=s.critical_queue_wait_s,
                 seed=chunk.seed,
                 lookahead=s.lookahead,
                 sp_degree=s.sp_degree,

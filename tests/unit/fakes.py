@@ -63,6 +63,9 @@ class FakeTarget:
     cancelled: int = 0
     completed: int = 0
     calls: list[WindowRequest] = field(default_factory=list)
+    # Per session: seconds its windows held an instance, and how many got one.
+    held_s: dict[str, float] = field(default_factory=dict)
+    started: dict[str, int] = field(default_factory=dict)
     max_concurrent: int = 0
     _busy: int = 0
     _sem: asyncio.Semaphore | None = None
@@ -74,16 +77,27 @@ class FakeTarget:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.instances)
         self.calls.append(window)
-        async with self._sem:
-            self._busy += 1
-            self.max_concurrent = max(self.max_concurrent, self._busy)
-            try:
-                await asyncio.sleep(self.latency)
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-            finally:
-                self._busy -= 1
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        try:
+            await self._sem.acquire()
+        finally:
+            window.timing.queued_s += loop.time() - asked
+        held = loop.time()
+        window.timing.acquired += 1
+        self.started[window.session_id] = self.started.get(window.session_id, 0) + 1
+        self._busy += 1
+        self.max_concurrent = max(self.max_concurrent, self._busy)
+        try:
+            await asyncio.sleep(self.latency)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self._busy -= 1
+            self._sem.release()
+            window.timing.held_s += loop.time() - held
+            self.held_s[window.session_id] = self.held_s.get(window.session_id, 0.0) + loop.time() - held
         self.completed += 1
         ids = window.token_ids
         tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]

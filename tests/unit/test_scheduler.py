@@ -214,3 +214,23 @@ def test_a_cancel_at_an_epoch_boundary_stops_the_request() -> None:
     epochs, committed = run_virtual(main)
     assert target.run_task is None  # the cancel did land while an epoch was closing
     assert epochs <= 2 and committed < 200
+
+
+def test_wasted_target_time_counts_only_time_holding_a_target() -> None:
+    """Four requests share two target instances, so windows queue; a window cancelled while queued
+    costs no target time, and the request's forwards are the windows that got an instance."""
+    target = FakeTarget(instances=2, latency=1.0)
+    drafter = FakeDrafter(latency=0.1, acceptance=0.5)
+
+    async def main():
+        scheds = [Scheduler(target, drafter, SchedulerConfig(mode="dsi", lookahead=3, sp_degree=2, max_new_tokens=30),
+                            f"s{i}", request_seq=i) for i in range(4)]
+        await asyncio.gather(*(s.run(PROMPT, lambda tok: False) for s in scheds))
+        return [s.stats for s in scheds]
+
+    stats = run_virtual(main)
+    for i, s in enumerate(stats):
+        sid = f"s{i}"
+        assert s.target_forwards == target.started[sid] < s.windows_dispatched  # some never got a target
+        assert s.wasted_target_s == pytest.approx(target.held_s[sid] - 1.0 * s.windows_applied)
+    assert sum(s.critical_queue_wait_s for s in stats) > 0
