@@ -232,6 +232,15 @@ class TargetPool:
                 self._release(waiter.future.result())
             raise
 
+    def reprioritize(self, request: WindowRequest, rank: int) -> None:
+        """Give a waiting window its new rank (no-op for a window that holds an instance or is gone)."""
+        for waiter in self._waiters:
+            if waiter.request is request and not waiter.future.done():
+                if rank < waiter.priority[0]:
+                    waiter.priority = (rank, *waiter.priority[1:])
+                    heapq.heapify(self._waiters)
+                return
+
     def _release(self, inst: TargetInstance) -> None:
         inst.busy = False
         if inst.removed:
@@ -336,6 +345,9 @@ class PoolTargetClient:
 
     def sp_limit(self) -> int:
         return self.pool.sp_limit()
+
+    def reprioritize(self, window: WindowRequest, rank: int) -> None:
+        self.pool.reprioritize(window, rank)
 
     async def verify(self, window: WindowRequest) -> WindowResult:
         return await self.pool.verify(window, self.sampling, self.request_id, self.chunking)

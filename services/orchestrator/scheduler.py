@@ -93,6 +93,12 @@ class TargetClient(Protocol):
         """Verify one window. Cancelling the awaiting task must cancel the remote work."""
         ...
 
+    def reprioritize(self, window: WindowRequest, rank: int) -> None:
+        """The window, dispatched with ``window.rank``, now has this rank (lower: it moved up the
+        request's order, rank 0 being its critical path); a window still waiting for a target
+        takes its new place in the queue."""
+        ...
+
 
 class DraftStream(Protocol):
     """Drafts under credit: the stream may send as many drafts as it was opened with plus granted."""
@@ -438,6 +444,7 @@ class Scheduler:
             await self._close_epoch(ep)
 
     def _apply_ready(self, ep: _Epoch) -> _EpochEnd | None:
+        applied = ep.applied
         while ep.applied < len(ep.windows) and ep.windows[ep.applied].result is not None:
             window = ep.windows[ep.applied]
             assert window.result is not None
@@ -446,6 +453,12 @@ class Scheduler:
             ep.decided, end = self._apply(ep.base, ep.drafts, ep.decided, window.start, window.result)
             if end is not None:
                 return end
+        if ep.applied > applied:
+            # The windows after the applied ones moved up the request's order; the first of them is
+            # now its critical path, and must not keep waiting behind other requests' speculation.
+            for rank, w in enumerate(ep.windows[ep.applied :]):
+                if not w.task.done():
+                    self.target.reprioritize(w.request, rank)
         return None
 
     def _dispatch(self, ep: _Epoch, start: int, end: int) -> None:

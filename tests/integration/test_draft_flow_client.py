@@ -37,6 +37,9 @@ class AcceptAllTarget:
     def sp_limit(self) -> int:
         return 2
 
+    def reprioritize(self, window: WindowRequest, rank: int) -> None:
+        pass
+
     async def verify(self, window: WindowRequest) -> WindowResult:
         await asyncio.sleep(self.latency)
         tokens = [self.seq[j] for j in range(window.first_position, len(window.token_ids) + 1)]

@@ -65,6 +65,7 @@ class FakeTarget:
     calls: list[WindowRequest] = field(default_factory=list)
     # Per session: seconds its windows held an instance, and how many got one.
     held_s: dict[str, float] = field(default_factory=dict)
+    promotions: list[tuple[WindowRequest, int]] = field(default_factory=list)
     started: dict[str, int] = field(default_factory=dict)
     max_concurrent: int = 0
     _busy: int = 0
@@ -72,6 +73,9 @@ class FakeTarget:
 
     def sp_limit(self) -> int:
         return self.instances
+
+    def reprioritize(self, window: WindowRequest, rank: int) -> None:
+        self.promotions.append((window, rank))
 
     async def verify(self, window: WindowRequest) -> WindowResult:
         if self._sem is None:

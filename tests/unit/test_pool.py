@@ -146,3 +146,33 @@ def test_a_session_is_released_on_every_instance_that_was_sent_a_window() -> Non
         return {a: s.released for a, s in stubs.items()}
 
     assert asyncio.run(main()) == {"127.0.0.1:1": ["s"], "127.0.0.1:2": ["s"]}
+
+
+def test_a_waiting_window_that_becomes_critical_moves_ahead_of_newer_requests() -> None:
+    """A request's queued speculative window becomes its critical path once the windows before it
+    are applied; from then on it goes before newer requests' critical windows (no starvation)."""
+
+    async def main() -> list[str]:
+        pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
+        pool.instances["127.0.0.1:1"].healthy = True
+        holder = await pool._acquire(window("busy", [1], 0, 0))
+        order: list[str] = []
+        old_speculative = window("old", [1], 2, 1)
+
+        async def wait(name: str, w: WindowRequest) -> None:
+            got = await pool._acquire(w)
+            order.append(name)
+            await asyncio.sleep(0)
+            pool._release(got)
+
+        tasks = [asyncio.ensure_future(wait("old", old_speculative)),
+                 asyncio.ensure_future(wait("new-critical", window("new", [1], 0, 7)))]
+        await asyncio.sleep(0.01)
+        pool.reprioritize(old_speculative, 0)
+        pool.reprioritize(old_speculative, 1)  # a higher rank never demotes it again
+        pool._release(holder)
+        await asyncio.gather(*tasks)
+        await pool.close()
+        return order
+
+    assert asyncio.run(main()) == ["old", "new-critical"]

@@ -234,3 +234,12 @@ def test_wasted_target_time_counts_only_time_holding_a_target() -> None:
         assert s.target_forwards == target.started[sid] < s.windows_dispatched  # some never got a target
         assert s.wasted_target_s == pytest.approx(target.held_s[sid] - 1.0 * s.windows_applied)
     assert sum(s.critical_queue_wait_s for s in stats) > 0
+
+
+def test_windows_are_promoted_as_the_ones_before_them_are_applied() -> None:
+    target = FakeTarget(instances=3, latency=1.0)
+    generate("dsi", target, FakeDrafter(latency=0.1, acceptance=1.0), n=30, lookahead=2)
+    assert target.promotions
+    for request, rank in target.promotions:
+        assert 0 <= rank < request.rank  # only ever moved up
+    assert any(rank == 0 for _, rank in target.promotions)
