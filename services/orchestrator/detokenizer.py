@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.orchestrator.stop_strings import StopMatcher
+
 
 class IncrementalText:
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self._matcher = StopMatcher(stop)
+        self._fed = 0  # characters of text given to the matcher
         self.ids: list[int] = []
         self.text = ""  # decoded text of all generated ids
         self.emitted = 0  # characters of text already returned
@@ -30,19 +34,14 @@ class IncrementalText:
         """Add a token; return the new text that is safe to show."""
         self.ids.append(token_id)
         self._decode_new()
-        for s in self.stop:
-            idx = self.text.find(s, max(0, self.emitted - len(s)))
-            if idx != -1 and (self.stopped_at is None or idx < self.stopped_at):
-                self.stopped_at = idx
+        if self.stopped_at is None:
+            self._matcher.feed(self.text[self._fed :])
+            self._fed = len(self.text)
+            self.stopped_at = self._matcher.match_start
         if self.stopped_at is not None:
             return self._take(self.stopped_at)
-        safe = len(self.text)
-        for s in self.stop:  # hold back a suffix that may be the start of a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if self.text[safe - k : safe] == s[:k]:
-                    safe = min(safe, len(self.text) - k)
-                    break
-        return self._take(safe)
+        # Hold back a suffix that may be the start of a stop string.
+        return self._take(len(self.text) - self._matcher.pending)
 
     def finish(self) -> str:
         """The rest of the text once generation ended (an incomplete character shows as U+FFFD)."""

@@ -160,6 +160,9 @@ async def serve(settings: OrchestratorSettings) -> None:
             default_lookahead=settings.default_lookahead,
             default_sp_degree=settings.default_sp_degree,
             max_sequence_length=target_model.max_sequence_length,
+            max_prompt_bytes=settings.max_prompt_bytes,
+            max_stop_strings=settings.max_stop_strings,
+            max_stop_length=settings.max_stop_length,
             draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
         orchestrator = Orchestrator(

@@ -73,7 +73,8 @@ class Orchestrator:
 
     async def generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
         request_id = params.request_id or uuid.uuid4().hex[:16]
-        prompt = self.tokenize(params)
+        # Off the event loop: other requests' tokens keep streaming while a long prompt is encoded.
+        prompt = await asyncio.to_thread(self.tokenize, params)
         max_new_tokens = new_tokens_within_context(len(prompt), params, self.limits)
         sampling = sampling_to_pb(params.sampling)
         drafter = None

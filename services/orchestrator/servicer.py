@@ -109,6 +109,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             default_lookahead=o.limits.default_lookahead,
             max_lookahead=o.limits.max_lookahead,
             max_sequence_length=o.limits.max_sequence_length,
+            max_prompt_bytes=o.limits.max_prompt_bytes,
+            max_stop_strings=o.limits.max_stop_strings,
+            max_stop_length=o.limits.max_stop_length,
         )
         if self.drafter_model is not None:
             msg.drafter_model.CopyFrom(self.drafter_model)

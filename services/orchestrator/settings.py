@@ -26,6 +26,9 @@ class OrchestratorSettings:
     resolve_interval_s: float
     log_level: str
     reproducible: bool = False
+    max_prompt_bytes: int = 1 << 20
+    max_stop_strings: int = 32
+    max_stop_length: int = 256
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -50,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-prompt-tokens", env=f"{env}_MAX_PROMPT_TOKENS", type=int, default=4096,
              help="longest prompt accepted, in tokens")
+    add_flag(parser, "--max-prompt-bytes", env=f"{env}_MAX_PROMPT_BYTES", type=int, default=1 << 20,
+             help="largest prompt accepted, in UTF-8 bytes (checked before tokenizing)")
+    add_flag(parser, "--max-stop-strings", env=f"{env}_MAX_STOP_STRINGS", type=int, default=32,
+             help="most stop strings one request may give")
+    add_flag(parser, "--max-stop-length", env=f"{env}_MAX_STOP_LENGTH", type=int, default=256,
+             help="longest stop string accepted, in characters")
     add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=int, default=5,
              help="drafts per verification window when the request does not say")
     add_flag(parser, "--sp-degree", env=f"{env}_SP_DEGREE", type=int, default=0,
@@ -99,4 +108,7 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         resolve_interval_s=ns.resolve_interval_s,
         log_level=ns.log_level,
         reproducible=ns.reproducible,
+        max_prompt_bytes=ns.max_prompt_bytes,
+        max_stop_strings=ns.max_stop_strings,
+        max_stop_length=ns.max_stop_length,
     )

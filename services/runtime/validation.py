@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,11 @@ class GenerateLimits:
     # Most tokens a sequence may hold on the targets, and on the drafter (0 = no limit known).
     max_sequence_length: int = 0
     draft_sequence_length: int = 0
+    # Work per request bounded before any is done: prompt bytes (checked before tokenizing), and the
+    # number and length (characters) of stop strings.
+    max_prompt_bytes: int = 1 << 20
+    max_stop_strings: int = 32
+    max_stop_length: int = 256
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,20 @@ class GenerateParams:
     truncate_at_context: bool = False
 
 
+# A request id goes into logs and is used as the session id on every model service.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,128}")
+
+
 def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: GenerateLimits) -> GenerateParams:
+    if not _REQUEST_ID.fullmatch(request.request_id):
+        raise InvalidArgument(
+            "request_id", "at most 128 characters from A-Z, a-z, 0-9 and . _ : - (empty = a random id)"
+        )
+    # Characters first: a string has at least as many UTF-8 bytes as characters.
+    if len(request.prompt) > limits.max_prompt_bytes or len(request.prompt.encode("utf-8")) > limits.max_prompt_bytes:
+        raise InvalidArgument("prompt", f"at most {limits.max_prompt_bytes} bytes of UTF-8")
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidArgument("stop", f"at most {limits.max_stop_strings} stop strings, got {len(request.stop)}")
     if request.prompt and request.prompt_token_ids:
         raise InvalidArgument("prompt", "set either prompt or prompt_token_ids, not both")
     if not request.prompt and not request.prompt_token_ids:
@@ -197,6 +216,8 @@ def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: Generat
     for i, s in enumerate(request.stop):
         if not s:
             raise InvalidArgument(f"stop[{i}]", "stop strings must not be empty")
+        if len(s) > limits.max_stop_length:
+            raise InvalidArgument(f"stop[{i}]", f"at most {limits.max_stop_length} characters, got {len(s)}")
     return GenerateParams(
         request_id=request.request_id,
         prompt=request.prompt,

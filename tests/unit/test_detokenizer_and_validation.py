@@ -70,6 +70,12 @@ LIMITS = GenerateLimits(vocab_size=100, max_new_tokens=50, max_prompt_tokens=20,
         (dict(prompt="x", max_new_tokens=1, mode=42), "mode"),
         (dict(prompt="x", max_new_tokens=1, sp_degree=-1), "sp_degree"),
         (dict(prompt="x", max_new_tokens=1, stop=[""]), "stop[0]"),
+        (dict(prompt="x", max_new_tokens=1, stop=["a", "b" * 257]), "stop[1]"),
+        (dict(prompt="x", max_new_tokens=1, stop=["s"] * 33), "stop"),
+        (dict(prompt="x" * (1 << 20) + "y", max_new_tokens=1), "prompt"),
+        (dict(prompt="é" * (1 << 19) + "y", max_new_tokens=1), "prompt"),  # fewer characters than bytes
+        (dict(prompt="x", max_new_tokens=1, request_id="a\nforged log line"), "request_id"),
+        (dict(prompt="x", max_new_tokens=1, request_id="r" * 129), "request_id"),
     ],
 )
 def test_generate_validation_names_the_field(fields: dict, field: str) -> None:
@@ -178,3 +184,39 @@ def test_context_limit_refusal_names_the_limit() -> None:
 def test_truncate_at_context_generates_until_the_context_is_full() -> None:
     assert _context_request(100, truncate=True)(240) == 17
     assert _context_request(10, truncate=True)(240) == 10
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stop_strings_match_a_naive_search(seed: int) -> None:
+    """The Aho-Corasick matcher stops where a plain search over every prefix would: at the earliest
+    start of any stop string, once one is complete; the streamed text never shows one."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = "abc"
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60)))
+    stops = tuple({"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 6)))
+                   for _ in range(rng.randrange(1, 8))})
+    want = text
+    for n in range(1, len(text) + 1):
+        found = [text[:n].find(s) for s in stops if s in text[:n]]
+        if found:
+            want = text[: min(found)]
+            break
+    t = IncrementalText(CharTokenizer(), stop=stops)
+    streamed = [t.push(b) for b in text.encode()]
+    assert "".join(streamed) + t.finish() == want
+    assert t.final_text == want
+
+
+def test_many_long_stop_strings_share_one_automaton() -> None:
+    """300 stop strings of 200 characters: one pass over the text finds the one that occurs and
+    holds back exactly the part that may still become one."""
+    from services.orchestrator.stop_strings import StopMatcher
+
+    stops = tuple(f"{i:05d}" + "x" * 195 for i in range(300))
+    m = StopMatcher(stops)
+    m.feed("00042" + "x" * 194)
+    assert m.match_start is None and m.pending == 199
+    m.feed("x")
+    assert m.match_start == 0
