@@ -12,13 +12,38 @@ from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.orchestrator.scheduler import Draft
 
 
+class DrafterStalled(Exception):
+    """The drafter sent nothing for too long while it had credit (hung, or far too slow)."""
+
+
 class GrpcDraftStream:
+    """One DraftFlow call. A watchdog abandons it (a real cancel, then ``DrafterStalled``) when the
+    drafter sends nothing for ``stall_s`` while it has credit: a hung drafter costs a bounded wait,
+    after which the request goes on target-only, in every mode."""
+
     def __init__(
-        self, stub: drafter_pb2_grpc.DrafterServiceStub, start: drafter_pb2.DraftRequest, timeout: float
+        self,
+        stub: drafter_pb2_grpc.DrafterServiceStub,
+        start: drafter_pb2.DraftRequest,
+        timeout: float,
+        stall_s: float = 0.0,
     ) -> None:
         self._requests: asyncio.Queue[drafter_pb2.DraftFlowRequest | None] = asyncio.Queue()
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(start=start))
         self.call = stub.DraftFlow(self._outgoing(), timeout=timeout)
+        self._loop = asyncio.get_running_loop()
+        self._credit = start.max_tokens
+        self._progress = self._loop.time()  # the last draft, or the grant that ended a wait for credit
+        self._stalled = False
+        self._watchdog = asyncio.ensure_future(self._watch(stall_s)) if stall_s > 0 else None
+
+    async def _watch(self, stall_s: float) -> None:
+        while True:
+            await asyncio.sleep(stall_s / 4)
+            if self._credit > 0 and self._loop.time() - self._progress > stall_s:
+                self._stalled = True
+                self.call.cancel()
+                return
 
     async def _outgoing(self) -> AsyncIterator[drafter_pb2.DraftFlowRequest]:
         while (msg := await self._requests.get()) is not None:
@@ -27,8 +52,16 @@ class GrpcDraftStream:
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
         try:
             async for msg in self.call:
+                self._credit -= 1
+                self._progress = self._loop.time()
                 probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
                 yield Draft(msg.token_id, probs)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelling = task.cancelling() if task is not None and hasattr(task, "cancelling") else 0
+            if self._stalled and not cancelling:  # the watchdog's cancel, not the caller's
+                raise DrafterStalled("the drafter sent no draft for too long") from None
+            raise
         except grpc.aio.AioRpcError as exc:
             # A stream serves a whole epoch, which may outlast the per-call deadline: that ends this
             # stream (the scheduler opens a new one from the drafts so far), not the drafter.
@@ -37,8 +70,13 @@ class GrpcDraftStream:
         finally:
             # Once the call is over, cancel() no longer stops the request generator: end it here.
             self._requests.put_nowait(None)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
 
     def grant(self, n: int) -> None:
+        if self._credit <= 0:
+            self._progress = self._loop.time()  # it was waiting for credit, not stalled
+        self._credit += n
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=n))
 
     def end_grants(self) -> None:
@@ -47,6 +85,8 @@ class GrpcDraftStream:
     def cancel(self) -> None:
         # Breaking out of `async for` does not cancel a grpc.aio stream; this does.
         self.call.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 class GrpcDrafterClient:
@@ -57,6 +97,7 @@ class GrpcDrafterClient:
         request_id: str,
         deadline_s: float,
         vocab_limit: int = 0,
+        stall_s: float = 0.0,
     ) -> None:
         """``vocab_limit``: drafts are ids below it (the targets' number of logits, so a drafter whose
         embedding is padded beyond them never proposes an id they cannot score); 0 = any."""
@@ -65,6 +106,7 @@ class GrpcDrafterClient:
         self.request_id = request_id
         self.deadline_s = deadline_s
         self.vocab_limit = vocab_limit
+        self.stall_s = stall_s  # abandon a stream that sends nothing this long while it has credit (0 = never)
 
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> GrpcDraftStream:
         request = drafter_pb2.DraftRequest(
@@ -76,4 +118,4 @@ class GrpcDrafterClient:
             return_probs=return_probs,
             vocab_limit=self.vocab_limit,
         )
-        return GrpcDraftStream(self.stub, request, self.deadline_s)
+        return GrpcDraftStream(self.stub, request, self.deadline_s, self.stall_s)

@@ -10,6 +10,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,6 +57,25 @@ class TargetInstance:
     last_error: str = ""
     # Tokens this instance's cache holds per session (the last window it verified), most recent last.
     sessions: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+    # Resolved when the instance is marked down: windows running on it stop waiting and go elsewhere.
+    _down: asyncio.Future[None] | None = None
+
+    def down_signal(self) -> asyncio.Future[None]:
+        """A future resolved the next time this instance is marked down."""
+        if self._down is None or self._down.done():
+            self._down = asyncio.get_running_loop().create_future()
+        return self._down
+
+    def mark_down(self, error: str) -> None:
+        self.healthy = False
+        self.last_error = error
+        self.sessions.clear()
+        if self._down is not None and not self._down.done():
+            self._down.set_result(None)
+
+
+class InstanceDown(Exception):
+    """The instance running a window was marked down (e.g. hung: health checks time out)."""
 
 
 @dataclass(order=True)
@@ -152,8 +172,7 @@ class TargetPool:
             log.info("target %s is %s%s", inst.address, "up" if ok else "down", f" ({error})" if error else "")
             inst.healthy = ok
             if not ok:
-                inst.last_error = error
-                inst.sessions.clear()
+                inst.mark_down(error)
             self._signal()
 
     async def _health_loop(self) -> None:
@@ -167,9 +186,7 @@ class TargetPool:
     def _mark_down(self, inst: TargetInstance, error: str) -> None:
         if inst.healthy:
             log.warning("target %s marked down: %s", inst.address, error)
-        inst.healthy = False
-        inst.last_error = error
-        inst.sessions.clear()
+        inst.mark_down(error)
         self._signal()
 
     def _signal(self) -> None:
@@ -286,20 +303,22 @@ class TargetPool:
             started = time.perf_counter()
             call = inst.stub.Verify(request, timeout=self.deadline_s)
             try:
-                response = await call
+                response = await self._answer_unless_down(call, inst)
             except asyncio.CancelledError:
                 call.cancel()  # a real cancel: the target stops its forward pass
                 raise
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise
-                self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
+            except (grpc.aio.AioRpcError, InstanceDown) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    if exc.code() not in RETRYABLE:
+                        raise
+                    self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
+                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "marked down"
                 retries += 1
                 if self.metrics is not None:
                     self.metrics.retries.inc()
                 if retries > self.max_retries:
                     raise Unavailable(f"window failed {retries} times; {self.unavailable_message()}") from exc
-                log.warning("request %s: retrying window on another target (%s)", request_id, exc.code().name)
+                log.warning("request %s: retrying window on another target (%s)", request_id, reason)
                 continue
             finally:
                 elapsed = time.perf_counter() - started
@@ -313,6 +332,22 @@ class TargetPool:
             while len(inst.sessions) > 1024:
                 inst.sessions.popitem(last=False)
             return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)
+
+    @staticmethod
+    async def _answer_unless_down(call: Any, inst: TargetInstance) -> target_pb2.VerifyResponse:
+        """The call's answer, or InstanceDown as soon as the instance is marked down (a hung target
+        answers nothing until the deadline; its window is re-sent elsewhere at once instead)."""
+        down = inst.down_signal()
+        answer: asyncio.Future[target_pb2.VerifyResponse] = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait([answer, down], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        except asyncio.CancelledError:
+            answer.cancel()  # cancels the RPC too
+            raise
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        raise InstanceDown(f"{inst.address} was marked down")
 
     async def release_session(self, session_id: str) -> None:
         """Drop the session on every instance that was ever sent one of its windows (the target

@@ -166,7 +166,15 @@ async def serve(settings: OrchestratorSettings) -> None:
             draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
         orchestrator = Orchestrator(
-            pool, drafter_stub, tokenizer, limits, eos, settings.deadline_s, metrics, settings.reproducible
+            pool,
+            drafter_stub,
+            tokenizer,
+            limits,
+            eos,
+            settings.deadline_s,
+            metrics,
+            settings.reproducible,
+            settings.drafter_stall_s,
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()

@@ -52,6 +52,7 @@ class Orchestrator:
         deadline_s: float,
         metrics: OrchestratorMetrics,
         reproducible: bool = False,
+        drafter_stall_s: float = 0.0,
     ) -> None:
         self.pool = pool
         self.drafter_stub = drafter_stub
@@ -61,6 +62,7 @@ class Orchestrator:
         self.deadline_s = deadline_s
         self.metrics = metrics
         self.reproducible = reproducible
+        self.drafter_stall_s = drafter_stall_s
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
 
@@ -80,7 +82,12 @@ class Orchestrator:
         drafter = None
         if self.drafter_stub is not None and params.mode != "nonsi":
             drafter = GrpcDrafterClient(
-                self.drafter_stub, sampling, request_id, self.deadline_s, vocab_limit=self.limits.vocab_size
+                self.drafter_stub,
+                sampling,
+                request_id,
+                self.deadline_s,
+                vocab_limit=self.limits.vocab_size,
+                stall_s=self.drafter_stall_s,
             )
         scheduler = Scheduler(
             PoolTargetClient(

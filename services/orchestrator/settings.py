@@ -29,6 +29,7 @@ class OrchestratorSettings:
     max_prompt_bytes: int = 1 << 20
     max_stop_strings: int = 32
     max_stop_length: int = 256
+    drafter_stall_s: float = 10.0
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--deadline-s", env=f"{env}_DEADLINE_S", type=float, default=60.0,
              help="deadline of every call to a target or the drafter (a drafter stream that reaches it is "
              "replaced by a new one, not treated as a failure)")
+    add_flag(parser, "--drafter-stall-s", env=f"{env}_DRAFTER_STALL_S", type=float, default=10.0,
+             help="give up on the drafter for a request when it sends no draft for this long while it may "
+                  "(a hung drafter); the request goes on target-only (0 = wait for --deadline-s)")
     add_flag(parser, "--health-interval-s", env=f"{env}_HEALTH_INTERVAL_S", type=float, default=1.0,
              help="seconds between health checks of the targets")
     add_flag(parser, "--startup-timeout-s", env=f"{env}_STARTUP_TIMEOUT_S", type=float, default=300.0,
@@ -111,4 +115,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_prompt_bytes=ns.max_prompt_bytes,
         max_stop_strings=ns.max_stop_strings,
         max_stop_length=ns.max_stop_length,
+        drafter_stall_s=ns.drafter_stall_s,
     )

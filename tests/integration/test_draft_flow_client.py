@@ -140,3 +140,34 @@ def test_half_close_ends_the_flow_after_its_credit(tiny_pair: tuple[Path, Path])
         asyncio.run(scenario())
     finally:
         engine.runner.close()
+
+
+@pytest.mark.parametrize("mode", ["si", "dsi"])
+def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path, Path], mode: str) -> None:
+    """A drafter that sends nothing while it has credit (here: 30 s per draft): SI gives it up after
+    the stall time and finishes target-only, saying so; DSI never waits for drafts (its zero-draft
+    window runs at once every epoch), so it finishes at target speed either way."""
+    engine = _engine(tiny_pair[1], decode_ms=30_000)
+    n = 6
+
+    async def scenario() -> None:
+        reference = PROMPT + [1] * (n + 1)
+        async with _serve(engine, deadline_s=60.0) as (stub, client):
+            client.stall_s = 0.5
+            sched = Scheduler(AcceptAllTarget(reference, 0.01), client,
+                              SchedulerConfig(mode=mode, lookahead=3, max_new_tokens=n), "s")
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            out: list[int] = []
+            stats = await asyncio.wait_for(sched.run(PROMPT, lambda t: out.append(t.token_id) or False), 20)
+            assert out == reference[len(PROMPT):len(PROMPT) + n]
+            assert loop.time() - t0 < 5.0  # at most one stall, not one per round, nor the 60 s deadline
+            if mode == "si":
+                assert stats.drafter_failed
+            await asyncio.sleep(0.3)
+            assert engine.runner.counters.cancelled >= 1  # the hung stream was really cancelled
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.runner.close()

@@ -176,3 +176,42 @@ def test_a_waiting_window_that_becomes_critical_moves_ahead_of_newer_requests() 
         return order
 
     assert asyncio.run(main()) == ["old", "new-critical"]
+
+
+class _HungStub(_FakeStub):
+    """A target that never answers (SIGSTOPped): its calls wait until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=3600.0)
+        self.calls: list[_FakeCall] = []
+
+    def Verify(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+        call = _FakeCall(self.delay, [7])
+        self.calls.append(call)
+        return call
+
+
+def test_a_window_on_an_instance_marked_down_is_resent_at_once() -> None:
+    from dsi.v1 import common_pb2
+
+    async def main() -> tuple[list[int], int, float]:
+        pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
+        hung, good = _HungStub(), _FakeStub(delay=0.0)
+        pool.instances["127.0.0.1:1"].stub = hung  # type: ignore[assignment]
+        pool.instances["127.0.0.1:2"].stub = good  # type: ignore[assignment]
+        for inst in pool.instances.values():
+            inst.healthy = True
+        pool.instances["127.0.0.1:2"].busy = True  # the window goes to the hung one first
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        task = asyncio.ensure_future(pool.verify(window("s", [1, 2], 0, 0), common_pb2.SamplingParams(), "r"))
+        await asyncio.sleep(0.05)
+        assert len(hung.calls) == 1 and not task.done()
+        pool.instances["127.0.0.1:2"].busy = False
+        pool._mark_down(pool.instances["127.0.0.1:1"], "health check timed out")  # what the health loop does
+        result = await asyncio.wait_for(task, timeout=5)
+        await pool.close()
+        return result.token_ids, result.retries, loop.time() - t0
+
+    tokens, retries, elapsed = asyncio.run(main())
+    assert tokens == [7] and retries == 1 and elapsed < 5
