@@ -15,7 +15,8 @@ from services.model.loading import ModelLoadError, load_causal_lm
 from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
 from services.runtime.errors import Unavailable
-from services.runtime.serving import GrpcServer, configure_logging, run_async
+from services.runtime.model_metrics import runner_registry
+from services.runtime.serving import GrpcServer, configure_logging, run_async, start_metrics_server
 from services.runtime.settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ async def serve_model_service(
     runner.counters.layers_run = 0
     runner.sessions.dropped = 0
     on_loaded(runner)
+    start_metrics_server(settings.server.metrics_port, runner_registry(runner, settings.role))
     await server.set_serving()
     try:
         await server.wait_and_stop()

@@ -262,3 +262,25 @@ def test_model_services_reject_bad_input(tiny_pair: tuple[Path, Path], log_dir: 
     finally:
         target.stop()
         drafter.stop()
+
+
+def test_model_service_serves_prometheus_metrics(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a port for the metrics listener (the gRPC port is read back as usual)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    svc = start_service("target", ["--model", str(tiny_pair[0]), "--threads", "1", "--metrics-port", str(port)],
+                        log_dir)
+    try:
+        with grpc.insecure_channel(svc.address) as ch:
+            stub = target_pb2_grpc.TargetServiceStub(ch)
+            stub.Verify(target_pb2.VerifyRequest(session_id="m", token_ids=[1, 2, 3], first_position=2), timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'dsi_model_calls_total{role="target"} 1.0' in text
+        assert 'dsi_model_forwards_total{role="target"} 1.0' in text
+        assert 'dsi_model_sessions{role="target"} 1.0' in text
+    finally:
+        svc.stop()
