@@ -103,6 +103,7 @@ class TargetPool:
         self._seq = itertools.count()
         self._health_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._live_waiters = 0  # waiters not yet served nor cancelled (the heap also holds dead ones)
         # Session id -> addresses of the instances that were sent any of its windows (for Release).
         self._sent: dict[str, set[str]] = {}
         self.set_addresses(addresses)
@@ -219,8 +220,6 @@ class TargetPool:
             inst = self._best(free, waiter.request)
             inst.busy = True
             waiter.future.set_result(inst)
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._waiters))
 
     async def _acquire(self, request: WindowRequest) -> TargetInstance:
         grace = time.monotonic() + max(2.0, 3 * self.health_interval_s)
@@ -240,14 +239,25 @@ class TargetPool:
         loop = asyncio.get_running_loop()
         waiter = _Waiter((request.rank, request.request_seq, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._waiters))
+        self._live_waiters += 1
+        self._report_queue()
         try:
             return await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 self._release(waiter.future.result())
             raise
+        finally:
+            self._live_waiters -= 1
+            # Cancelled waiters stay in the heap until popped; drop them once they are the majority.
+            if len(self._waiters) > 2 * self._live_waiters + 64:
+                self._waiters = [w for w in self._waiters if not w.future.done()]
+                heapq.heapify(self._waiters)
+            self._report_queue()
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._live_waiters)
 
     def reprioritize(self, request: WindowRequest, rank: int) -> None:
         """Give a waiting window its new rank (no-op for a window that holds an instance or is gone)."""

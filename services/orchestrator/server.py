@@ -11,6 +11,7 @@ import grpc
 
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2
 from services.orchestrator import settings as settings_mod
+from services.orchestrator.admission import Admission
 from services.orchestrator.discovery import TargetDiscovery
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
@@ -175,6 +176,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             metrics,
             settings.reproducible,
             settings.drafter_stall_s,
+            Admission(settings.max_active_requests, settings.max_queued_requests, settings.max_queue_wait_s),
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsi.v1 import drafter_pb2_grpc
+from services.orchestrator.admission import Admission
 from services.orchestrator.detokenizer import IncrementalText
 from services.orchestrator.drafter_client import GrpcDrafterClient
 from services.orchestrator.metrics import OrchestratorMetrics
@@ -53,6 +54,7 @@ class Orchestrator:
         metrics: OrchestratorMetrics,
         reproducible: bool = False,
         drafter_stall_s: float = 0.0,
+        admission: Admission | None = None,
     ) -> None:
         self.pool = pool
         self.drafter_stub = drafter_stub
@@ -63,6 +65,7 @@ class Orchestrator:
         self.metrics = metrics
         self.reproducible = reproducible
         self.drafter_stall_s = drafter_stall_s
+        self.admission = admission or Admission(max_active=1 << 30, max_queued=0, max_wait_s=0.0)
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
 
@@ -74,6 +77,12 @@ class Orchestrator:
         return ids
 
     async def generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
+        """Run one request once it is admitted (``Admission``: bounded concurrency and queue)."""
+        async with self.admission.slot():
+            async for chunk in self._generate(params):
+                yield chunk
+
+    async def _generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
         request_id = params.request_id or uuid.uuid4().hex[:16]
         # Off the event loop: other requests' tokens keep streaming while a long prompt is encoded.
         prompt = await asyncio.to_thread(self.tokenize, params)

@@ -30,6 +30,9 @@ class OrchestratorSettings:
     max_stop_strings: int = 32
     max_stop_length: int = 256
     drafter_stall_s: float = 10.0
+    max_active_requests: int = 64
+    max_queued_requests: int = 256
+    max_queue_wait_s: float = 30.0
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -54,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-prompt-tokens", env=f"{env}_MAX_PROMPT_TOKENS", type=int, default=4096,
              help="longest prompt accepted, in tokens")
+    add_flag(parser, "--max-active-requests", env=f"{env}_MAX_ACTIVE_REQUESTS", type=int, default=64,
+             help="Generate requests run at once; more wait in a first-come first-served queue")
+    add_flag(parser, "--max-queued-requests", env=f"{env}_MAX_QUEUED_REQUESTS", type=int, default=256,
+             help="requests that may wait for a slot; beyond that a request is refused at once "
+                  "(RESOURCE_EXHAUSTED with a retry-after hint)")
+    add_flag(parser, "--max-queue-wait-s", env=f"{env}_MAX_QUEUE_WAIT_S", type=float, default=30.0,
+             help="longest wait for a slot before a request is refused with RESOURCE_EXHAUSTED")
     add_flag(parser, "--max-prompt-bytes", env=f"{env}_MAX_PROMPT_BYTES", type=int, default=1 << 20,
              help="largest prompt accepted, in UTF-8 bytes (checked before tokenizing)")
     add_flag(parser, "--max-stop-strings", env=f"{env}_MAX_STOP_STRINGS", type=int, default=32,
@@ -92,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
     if ns.sp_degree < 0:
         raise SystemExit(f"--sp-degree must be >= 0, got {ns.sp_degree}")
+    if ns.max_active_requests < 1 or ns.max_queued_requests < 0 or ns.max_queue_wait_s < 0:
+        raise SystemExit("--max-active-requests must be >= 1, --max-queued-requests and --max-queue-wait-s >= 0")
     targets = _split(ns.targets)
     if not targets:
         raise SystemExit("--targets is required (or DSI_ORCHESTRATOR_TARGETS): at least one target host:port")
@@ -116,4 +128,7 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_stop_strings=ns.max_stop_strings,
         max_stop_length=ns.max_stop_length,
         drafter_stall_s=ns.drafter_stall_s,
+        max_active_requests=ns.max_active_requests,
+        max_queued_requests=ns.max_queued_requests,
+        max_queue_wait_s=ns.max_queue_wait_s,
     )

@@ -49,6 +49,10 @@ def services(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
                                                   "--drafter", drafter.address], logs)
             started.append(orch)
             orchestrators[n] = orch.address
+        busy = start_service("orchestrator", ["--targets", targets[0].address, "--drafter", drafter.address,
+                                              "--max-active-requests", "1", "--max-queued-requests", "0"], logs)
+        started.append(busy)
+        orchestrators["one-slot"] = busy.address
         yield {"targets": targets, "drafter": drafter, "orchestrators": orchestrators}
     finally:
         for s in reversed(started):
@@ -332,3 +336,22 @@ def test_rejection_sampling_through_the_system_follows_the_target(services, tiny
     assert df >= 2
     assert stat < critical, (stat, critical, df)
     assert 0 < accepted < trials  # both accepted drafts and recovered tokens happened
+
+
+def test_a_request_beyond_the_admission_limits_is_refused_with_a_retry_hint(services) -> None:
+    with Client(services["orchestrators"]["one-slot"], timeout=60) as client:
+        first = client.stream("def fibonacci(n):", max_new_tokens=400, ignore_eos=True)
+        next(first)  # the first request holds the only slot
+        with pytest.raises(DSIError) as err:
+            client.generate("import os", max_new_tokens=4)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server busy" in err.value.details and "retry in about" in err.value.details
+        first.close()
+        deadline = time.monotonic() + 30
+        while True:  # the slot comes back once the first request is cancelled
+            try:
+                assert len(client.generate("import os", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+                break
+            except DSIError as exc:
+                assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)

@@ -215,3 +215,27 @@ def test_a_window_on_an_instance_marked_down_is_resent_at_once() -> None:
 
     tokens, retries, elapsed = asyncio.run(main())
     assert tokens == [7] and retries == 1 and elapsed < 5
+
+
+def test_queue_depth_counts_only_live_waiters() -> None:
+    async def main() -> tuple[float, float]:
+        metrics = OrchestratorMetrics()
+        pool = TargetPool(["127.0.0.1:1"], health_interval_s=60, metrics=metrics)
+        pool.instances["127.0.0.1:1"].healthy = True
+        holder = await pool._acquire(window("busy", [1], 0, 0))
+        waiters = [asyncio.ensure_future(pool._acquire(window(f"w{i}", [1], 1, i))) for i in range(200)]
+        await asyncio.sleep(0)
+        for w in waiters[:150]:
+            w.cancel()
+        await asyncio.gather(*waiters[:150], return_exceptions=True)
+        depth = metrics.registry.get_sample_value("dsi_target_queue_depth")
+        heap = len(pool._waiters)
+        pool._release(holder)
+        for w in waiters[150:]:
+            pool._release(await w)
+        await pool.close()
+        return depth, heap
+
+    depth, heap = asyncio.run(main())
+    assert depth == 50
+    assert heap <= 2 * 50 + 64  # cancelled waiters do not pile up
