@@ -33,6 +33,7 @@ def _up(ns: argparse.Namespace) -> int:
         lookahead=ns.lookahead,
         log_dir=ns.log_dir,
         keep_logs=True,
+        http_port=ns.http_port,
     )
     if ns.targets < 1:
         print("dsi up: --targets must be >= 1", file=sys.stderr)
@@ -53,6 +54,8 @@ def _up(ns: argparse.Namespace) -> int:
         return 1
     try:
         print(f"orchestrator listening on {address}", flush=True)
+        if cluster.http_address:
+            print(f"gateway listening on http://{cluster.http_address}/v1", flush=True)
         while not stop.is_set():
             for sp in cluster.processes:
                 if sp.process.poll() is not None:
@@ -139,6 +142,8 @@ def _serve(role: str):  # type: ignore[no-untyped-def]
             from services.target.server import main
         elif role == "drafter":
             from services.drafter.server import main
+        elif role == "gateway":
+            from services.gateway.server import main
         else:
             from services.orchestrator.server import main
         return int(main(ns))
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         up, "--log-dir", env="DSI_UP_LOG_DIR", default="", help="where the services' logs go (default: a temp dir)"
     )
+    add_flag(up, "--http-port", env="DSI_UP_HTTP_PORT", type=int, default=None,
+             help="also start the OpenAI-compatible HTTP gateway on this port (0 = any free; unset = no gateway)")
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="generate text through an orchestrator")
@@ -261,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = roles.add_parser("orchestrator", help="the public Generate API and the DSI scheduler")
     add_orchestrator_arguments(p)
     p.set_defaults(func=_serve("orchestrator"))
+    from services.gateway.settings import add_arguments as add_gateway_arguments
+
+    p = roles.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of an orchestrator",
+                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics "
+                         "over HTTP, each completion one Generate call to the orchestrator.")
+    add_gateway_arguments(p)
+    p.set_defaults(func=_serve("gateway"))
 
     health = sub.add_parser("health", help="check a server's gRPC health (exit 0 when SERVING)")
     health.add_argument("address", help="HOST:PORT")

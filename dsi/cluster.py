@@ -178,6 +178,7 @@ class ClusterSpec:
     keep_logs: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
+    http_port: int | None = None  # the OpenAI-compatible gateway's port (0 = any free); None = no gateway
 
 
 class LocalCluster:
@@ -188,6 +189,7 @@ class LocalCluster:
         self.spec = spec
         self.processes: list[ServiceProcess] = []
         self.address = ""
+        self.http_address = ""  # HOST:PORT of the gateway, when spec.http_port is set
         self._own_log_dir = not spec.log_dir
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="dsi-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +240,9 @@ class LocalCluster:
             )
             orch.wait_listening(deadline)
             self.address = orch.address
+            if spec.http_port is not None:
+                gateway = self._spawn("gateway", "gateway", ["--orchestrator", orch.address], spec.http_port)
+                self.http_address = gateway.wait_listening(deadline)
             return self.address
         except BaseException:
             self._failed = True  # keep the logs: the error message points at them
