@@ -158,6 +158,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run)
     commands = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
     _register_precision(commands)
+    _register_load(commands)
 
 
 def _register_precision(subparsers: Any) -> None:
@@ -208,6 +209,109 @@ def _register_precision(subparsers: Any) -> None:
     add_flag(p, "--out-name", env="DSI_BENCH_PRECISION_OUT_NAME", default=d.out_name,
              help="JSON file name (the markdown table gets the same stem, .md)")
     p.set_defaults(func=_run_precision)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return values
+
+
+def _register_load(subparsers: Any) -> None:
+    """``dsi bench load`` (see :mod:`dsi.bench.load`)."""
+    from dsi.bench.load import LoadSettings
+
+    d = LoadSettings()
+    p = subparsers.add_parser(
+        "load",
+        help="non-SI, SI and DSI under concurrent load: a concurrency sweep and open-loop Poisson arrivals",
+        description=(
+            "For each drafter latency c and acceptance a (oracle drafter: controlled acceptance, benchmark "
+            "only), start an emulated cluster as 'dsi bench' does and run every mode at each concurrency C "
+            "(C requests at once) and each open-loop rate (Poisson arrivals), modes interleaved, --repeats "
+            "times. Per mode and load: aggregate tokens/s, p50/p99 latency and time to first token, target "
+            "busy fraction, target forwards and computed tokens per committed token, drafts per window. "
+            "Prints a table, writes --out-dir/--out-name (JSON), a markdown table and a PNG next to it."
+        ),
+    )
+    add_flag(p, "--targets", env="DSI_BENCH_LOAD_TARGETS", type=int, default=d.targets,
+             help="target instances")
+    add_flag(p, "--c-values", env="DSI_BENCH_LOAD_C_VALUES", type=_floats, default=d.c_values,
+             help="drafter latencies as fractions of the target latency (default 0.1)")
+    add_flag(p, "--a-values", env="DSI_BENCH_LOAD_A_VALUES", type=_floats, default=d.a_values,
+             help="oracle acceptance rates (default 0.5,0.8)")
+    add_flag(p, "--target-ms", env="DSI_BENCH_LOAD_TARGET_MS", type=float, default=d.target_ms,
+             help="emulated target decode latency per forward")
+    add_flag(p, "--prefill-ms", env="DSI_BENCH_LOAD_PREFILL_MS", type=float, default=None,
+             help="emulated target prefill latency (default: --target-ms)")
+    add_flag(p, "--concurrency", env="DSI_BENCH_LOAD_CONCURRENCY", type=_ints, default=d.concurrency,
+             help="closed-loop levels: requests at once (default 1,2,4,8,16; '' = none)")
+    add_flag(p, "--rates", env="DSI_BENCH_LOAD_RATES", type=_floats_or_none, default=d.rates,
+             help="open-loop levels: Poisson arrival rates in requests/s (default: none)")
+    add_flag(p, "--open-requests", env="DSI_BENCH_LOAD_OPEN_REQUESTS", type=int, default=d.open_requests,
+             help="requests per open-loop run")
+    add_flag(p, "--requests-per-client", env="DSI_BENCH_LOAD_REQUESTS_PER_CLIENT", type=int,
+             default=d.requests_per_client, help="closed loop: requests each of the C clients sends in turn")
+    add_flag(p, "--repeats", env="DSI_BENCH_LOAD_REPEATS", type=int, default=d.repeats,
+             help="repetitions of every (load, mode); figures are medians over them")
+    add_flag(p, "--max-new-tokens", env="DSI_BENCH_LOAD_MAX_NEW_TOKENS", type=int, default=d.max_new_tokens,
+             help="tokens per request (EOS ignored)")
+    add_flag(p, "--lookahead", env="DSI_BENCH_LOAD_LOOKAHEAD", type=int, default=d.lookahead,
+             help="drafts per window")
+    add_flag(p, "--sp-degree", env="DSI_BENCH_LOAD_SP_DEGREE", type=int, default=d.sp_degree,
+             help="windows in flight per request (0 = the orchestrator's default: every healthy target)")
+    add_flag(p, "--modes", env="DSI_BENCH_LOAD_MODES", type=_names, default=d.modes,
+             help="comma-separated modes (default nonsi,si,dsi)")
+    add_flag(p, "--seed", env="DSI_BENCH_LOAD_SEED", type=int, default=d.seed,
+             help="request i of repetition r uses seed + 1000 r + i; arrivals of repetition r use seed + r")
+    add_flag(p, "--out-dir", env="DSI_BENCH_LOAD_OUT_DIR", default=d.out_dir, help="where the results go")
+    add_flag(p, "--out-name", env="DSI_BENCH_LOAD_OUT_NAME", default=d.out_name,
+             help="JSON file name (the markdown table and the PNG get the same stem)")
+    p.set_defaults(func=_run_load)
+
+
+def _floats_or_none(text: str) -> list[float]:
+    return _floats(text) if text.strip() else []
+
+
+def _run_load(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dsi.bench.load import LoadSettings, print_report, run_load, total_steps, write_outputs
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    s = LoadSettings(
+        targets=ns.targets, c_values=ns.c_values, a_values=ns.a_values, target_ms=ns.target_ms,
+        prefill_ms=ns.prefill_ms, concurrency=ns.concurrency, rates=ns.rates, open_requests=ns.open_requests,
+        requests_per_client=ns.requests_per_client, repeats=ns.repeats, max_new_tokens=ns.max_new_tokens,
+        lookahead=ns.lookahead, sp_degree=ns.sp_degree, modes=ns.modes, seed=ns.seed, out_dir=ns.out_dir,
+        out_name=ns.out_name,
+    )
+    errors = s.validate()
+    if errors:
+        for e in errors:
+            print(f"dsi bench load: {e}", file=sys.stderr)
+        return 2
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("dsi bench load", total=total_steps(s))
+
+        def step(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+            if not err.is_terminal:  # no live bar: log each step
+                print(f"dsi bench load: {what}", file=sys.stderr, flush=True)
+
+        result = run_load(s, step)
+    print_report(result, console)
+    paths = write_outputs(result, Path(s.out_dir), s.out_name)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    errors_seen = sum(m["errors"] for cell in result["cells"] for lv in cell["levels"] for m in lv["modes"].values())
+    return 1 if errors_seen else 0
 
 
 def _names(text: str) -> list[str]:
