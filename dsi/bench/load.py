@@ -19,11 +19,9 @@ oracle acceptances.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
-import re
 import socket
 import statistics
 import tempfile
@@ -33,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsi.bench.report import write_compact_json
 from dsi.bench.runner import MODES, ORACLE_LABEL, PROMPTS, machine_info, tiny_pair
 
 log = logging.getLogger(__name__)
@@ -672,17 +671,9 @@ def write_figure(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-# A JSON array of numbers only (per-request timings), which json.dumps(indent=...) spreads one per line.
-_NUMBER_ARRAY = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
-
-
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str = "load.json") -> list[Path]:
     """``name`` (JSON), the markdown tables (``.md``) and the figure (``.png``) next to it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    text = _NUMBER_ARRAY.sub(lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
-                             json.dumps(result, indent=1))
-    path.write_text(text + "\n")
+    path = write_compact_json(result, out_dir / name)
     md = path.with_suffix(".md")
     md.write_text(markdown(result))
     paths = [path, md]

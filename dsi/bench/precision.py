@@ -19,7 +19,6 @@ divergence* is the index (among the new tokens) of the first token where two out
 from __future__ import annotations
 
 import logging
-import re
 import statistics
 import tempfile
 import time
@@ -27,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsi.bench.report import write_compact_json
 
 log = logging.getLogger(__name__)
 
@@ -541,19 +542,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# A JSON array of numbers only (token ids, timings), which json.dumps(indent=...) spreads one per line.
-_NUMBER_ARRAY = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
-
-
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str = "precision.json") -> list[Path]:
     """``name`` (JSON, number arrays on one line) and the markdown table next to it (``.md``)."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    text = _NUMBER_ARRAY.sub(lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
-                             json.dumps(result, indent=1))
-    path.write_text(text + "\n")
+    path = write_compact_json(result, out_dir / name)
     md = path.with_suffix(".md")
     md.write_text(markdown(result))
     return [path, md]

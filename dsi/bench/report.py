@@ -5,6 +5,7 @@ orchestrator's per-window overhead and the target's cancel-to-free latency)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,20 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         console.print(real_table(result))
     for line in summary_lines(result):
         console.print(line, markup=False, highlight=False)
+
+
+# A JSON array of numbers only (token ids, timings), which json.dumps(indent=...) spreads one per line.
+_NUMBER_ARRAY = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def write_compact_json(result: dict[str, Any], path: Path) -> Path:
+    """Indented JSON with every array of plain numbers kept on one line (results stay readable and
+    small)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = _NUMBER_ARRAY.sub(lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
+                             json.dumps(result, indent=1))
+    path.write_text(text + "\n")
+    return path
 
 
 def write_json(result: dict[str, Any], out_dir: Path) -> Path:
