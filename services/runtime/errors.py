@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.model.errors import ModelError
 
@@ -54,6 +55,10 @@ class FailedPrecondition(ServiceError):
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
+    if isinstance(exc, DecodeError):
+        # Request messages are decoded by serving.MalformedRequestGuard; this catches any a servicer
+        # parses itself (e.g. from context.read()).
+        return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"device out of memory: {exc}"
     if isinstance(exc, ModelError):

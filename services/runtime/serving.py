@@ -4,16 +4,20 @@ endpoint, and graceful shutdown on SIGTERM/SIGINT (health NOT_SERVING -> server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.runtime.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,13 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 class GrpcServer:
     """A grpc.aio server with health and reflection for the given service names."""
 
-    def __init__(self, options: ServerOptions, service_names: Iterable[str], role: str) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        service_names: Iterable[str],
+        role: str,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self.options = options
         self.role = role
         self.server = grpc.aio.server(
@@ -57,6 +67,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+            # Outermost, so that it guards whatever handler the other interceptors hand back.
+            interceptors=[MalformedRequestGuard(), *interceptors],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -84,6 +96,12 @@ class GrpcServer:
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
+    async def set_status(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING on the health service (e.g. while no dependency answers)."""
+        await self._set_status(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
     async def set_serving(self) -> None:
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
         # One line on stdout that launchers (dsi up, tests) wait for; logs go to stderr.
@@ -98,6 +116,162 @@ class GrpcServer:
         log.info("%s shutting down (grace %.1fs)", self.role, self.options.grace_s)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.options.grace_s)
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What a guarded request deserializer returns for bytes that are not a valid message of the
+    method's request type: the guarded handler answers it with INVALID_ARGUMENT."""
+
+    method: str
+    error: str
+
+    @property
+    def problem(self) -> str:
+        return f"not a valid {self.method} request message ({self.error})"
+
+    @property
+    def details(self) -> str:
+        return f"request: {self.problem}"
+
+
+class UndecodableRequestError(InvalidArgument):
+    """Raised where a servicer reads an undecodable message from a client stream."""
+
+    def __init__(self, request: UndecodableRequest) -> None:
+        super().__init__("request", request.problem)
+        self.request = request
+
+
+def decode_or_mark(deserializer: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    """``deserializer`` that returns an ``UndecodableRequest`` instead of raising: grpc.aio would log
+    the exception with a traceback and answer UNKNOWN (INTERNAL on a bidi stream)."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return UndecodableRequest(method, f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    return deserialize
+
+
+async def _abort_undecodable(context: grpc.aio.ServicerContext, request: UndecodableRequest) -> None:
+    log.debug("undecodable request to %r: %s", request.method, request.error)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+
+async def _checked_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in requests:
+        if isinstance(message, UndecodableRequest):
+            # Raised, not aborted here: the reader may be another task than the handler's (DraftFlow),
+            # and a status sent while the handler writes a response fails in grpc core
+            # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the call hangs. The servicer's grpc_errors maps
+            # this InvalidArgument on the handler's task, or the guard's wrapper does.
+            log.debug("undecodable request to %r: %s", message.method, message.error)
+            raise UndecodableRequestError(message)
+        yield message
+
+
+def guard_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The same handler, answering INVALID_ARGUMENT for any request message that does not decode.
+
+    Asyncio behaviours (coroutine or async generator functions: every servicer here, health and
+    reflection) are wrapped, and synchronous unary ones (a generated servicer's UNIMPLEMENTED stubs,
+    such as Health/List), which then run in the loop's executor as grpc.aio would run them, their
+    NotImplementedError answered UNIMPLEMENTED without a traceback; a synchronous streaming one is
+    returned unchanged. Servicers read client streams through their request iterator, not
+    ``context.read()``.
+    """
+    kind = (
+        ("stream" if handler.request_streaming else "unary")
+        + "_"
+        + ("stream" if handler.response_streaming else "unary")
+    )
+    behaviour = getattr(handler, kind)
+    if behaviour is None or handler.request_deserializer is None:
+        return handler
+    is_gen = inspect.isasyncgenfunction(behaviour)
+    if not (is_gen or inspect.iscoroutinefunction(behaviour)):
+        if kind != "unary_unary":
+            return handler
+        sync_behaviour = behaviour
+
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(None, sync_behaviour, request, context)
+            except NotImplementedError:  # a generated stub (e.g. Health/List): UNIMPLEMENTED, no traceback
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+
+    wrapped: Callable[..., Any]
+
+    if handler.request_streaming:
+        if is_gen:
+
+            async def wrapped(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async with contextlib.aclosing(behaviour(_checked_requests(requests), context)) as out:
+                        async for response in out:
+                            yield response
+                except UndecodableRequestError as exc:  # a servicer without grpc_errors (reflection)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+
+        else:
+
+            async def wrapped(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behaviour(_checked_requests(requests), context)
+                except UndecodableRequestError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+
+    elif is_gen:
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, UndecodableRequest):
+                await _abort_undecodable(context, request)
+            async with contextlib.aclosing(behaviour(request, context)) as out:
+                async for response in out:
+                    yield response
+
+    else:
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, UndecodableRequest):
+                await _abort_undecodable(context, request)
+            return await behaviour(request, context)
+
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    guarded: grpc.RpcMethodHandler = make(
+        wrapped,
+        request_deserializer=decode_or_mark(handler.request_deserializer, method),
+        response_serializer=handler.response_serializer,
+    )
+    return guarded
+
+
+class MalformedRequestGuard(grpc.aio.ServerInterceptor):
+    """Server interceptor that makes an undecodable request message INVALID_ARGUMENT on every method
+    (generated handlers, health, reflection), with one debug line instead of a traceback per call."""
+
+    def __init__(self) -> None:
+        # method -> (handler as registered, guarded handler); bounded by the methods registered.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = str(handler_call_details.method)  # type: ignore[attr-defined]
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = guard_handler(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
 
 def start_metrics_server(port: int, registry: object) -> None:
