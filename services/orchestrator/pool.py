@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,8 @@ class TargetPool:
         self._health_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._live_waiters = 0  # waiters not yet served nor cancelled (the heap also holds dead ones)
+        # Called with the number of healthy instances whenever membership or health changes.
+        self.on_change: Callable[[int], None] | None = None
         # Session id -> addresses of the instances that were sent any of its windows (for Release).
         self._sent: dict[str, set[str]] = {}
         self.set_addresses(addresses)
@@ -196,6 +199,8 @@ class TargetPool:
         self._hand_off()
         if self.metrics is not None:
             self.metrics.healthy_targets.set(self.healthy_count())
+        if self.on_change is not None:
+            self.on_change(self.healthy_count())
 
     # -- acquiring an instance -------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -117,6 +118,25 @@ def load_tokenizer(name: str):  # type: ignore[no-untyped-def]
         raise StartupError(f"could not load a tokenizer from {name!r} (set --tokenizer): {exc}") from exc
 
 
+def _health_follows_targets(server: GrpcServer) -> Callable[[int], None]:
+    """The orchestrator reports NOT_SERVING while no target is healthy (load balancers and probes
+    then send requests elsewhere) and SERVING again once one is back."""
+    pending: set[asyncio.Task[None]] = set()
+    serving = True
+
+    def changed(healthy: int) -> None:
+        nonlocal serving
+        if (healthy > 0) == serving:
+            return
+        serving = healthy > 0
+        log.warning("%s target healthy: reporting %s", healthy, "SERVING" if serving else "NOT_SERVING")
+        task = asyncio.ensure_future(server.set_status(serving))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return changed
+
+
 async def serve(settings: OrchestratorSettings) -> None:
     server = GrpcServer(settings.server, [SERVICE_NAME], "orchestrator")
     servicer = OrchestratorServicer()
@@ -180,6 +200,7 @@ async def serve(settings: OrchestratorSettings) -> None:
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()
+        pool.on_change = _health_follows_targets(server)
         await server.wait_and_stop()
     finally:
         # A refusal ends serve() with the gRPC server still running: stop it while the event loop is

@@ -239,3 +239,33 @@ def test_queue_depth_counts_only_live_waiters() -> None:
     depth, heap = asyncio.run(main())
     assert depth == 50
     assert heap <= 2 * 50 + 64  # cancelled waiters do not pile up
+
+
+def test_the_orchestrator_reports_not_serving_while_no_target_is_healthy() -> None:
+    from services.orchestrator.server import _health_follows_targets
+
+    class FakeServer:
+        def __init__(self) -> None:
+            self.statuses: list[bool] = []
+
+        async def set_status(self, serving: bool) -> None:
+            self.statuses.append(serving)
+
+    async def main() -> list[bool]:
+        pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
+        for inst in pool.instances.values():
+            inst.healthy = True
+        server = FakeServer()
+        pool.on_change = _health_follows_targets(server)  # type: ignore[arg-type]
+        pool._mark_down(pool.instances["127.0.0.1:1"], "gone")
+        await asyncio.sleep(0)
+        assert server.statuses == []  # one target left: still serving
+        pool._mark_down(pool.instances["127.0.0.1:2"], "gone")
+        await asyncio.sleep(0)
+        pool.instances["127.0.0.1:2"].healthy = True
+        pool._signal()  # what a health check that sees it back does
+        await asyncio.sleep(0)
+        await pool.close()
+        return server.statuses
+
+    assert asyncio.run(main()) == [False, True]
