@@ -20,6 +20,10 @@ from services.model.errors import ModelError
 log = logging.getLogger(__name__)
 
 
+# Trailing metadata key of a RESOURCE_EXHAUSTED refusal: milliseconds after which a retry may succeed.
+RETRY_AFTER_MS = "retry-after-ms"
+
+
 class ServiceError(Exception):
     """An error with a gRPC status code and a message meant for the caller."""
 
@@ -84,6 +88,9 @@ def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         elif mapped[0] not in (grpc.StatusCode.INVALID_ARGUMENT,):
             log.warning("request %s: %s failed: %s", _request_id(request), name, mapped[1])
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:  # overload: when to try again, machine-readable
+            context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(retry_after_s * 1000))),))
         await context.abort(mapped[0], mapped[1])
 
     if inspect.isasyncgenfunction(handler):

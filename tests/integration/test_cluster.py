@@ -346,6 +346,12 @@ def test_a_request_beyond_the_admission_limits_is_refused_with_a_retry_hint(serv
             client.generate("import os", max_new_tokens=4)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "server busy" in err.value.details and "retry in about" in err.value.details
+        with grpc.insecure_channel(services["orchestrators"]["one-slot"]) as channel:
+            call = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).Generate(
+                orchestrator_pb2.GenerateRequest(prompt="import os", max_new_tokens=4), timeout=30)
+            with pytest.raises(grpc.RpcError) as raw:
+                list(call)
+            assert int(dict(raw.value.trailing_metadata())["retry-after-ms"]) >= 100
         first.close()
         deadline = time.monotonic() + 30
         while True:  # the slot comes back once the first request is cancelled
