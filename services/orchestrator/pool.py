@@ -172,6 +172,13 @@ class TargetPool:
             error = "" if ok else "not serving"
         except grpc.aio.AioRpcError as exc:
             ok, error = False, f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            # set_addresses() closed a removed instance's channel under this check, which cancels the
+            # call; only a cancel of the task itself (shutdown) may end the health loop.
+            task = asyncio.current_task()
+            if not inst.removed or (task is not None and task.cancelling()):
+                raise
+            return
         if ok != inst.healthy and not inst.removed:
             log.info("target %s is %s%s", inst.address, "up" if ok else "down", f" ({error})" if error else "")
             inst.healthy = ok

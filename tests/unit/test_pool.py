@@ -269,3 +269,45 @@ def test_the_orchestrator_reports_not_serving_while_no_target_is_healthy() -> No
         return server.statuses
 
     assert asyncio.run(main()) == [False, True]
+
+
+def test_the_health_loop_survives_a_target_removed_while_it_is_checked() -> None:
+    """Removing an instance closes its channel, which cancels a health check pending on it; that must
+    not end the health loop (every later target would stay down for good)."""
+
+    class HangingHealth:
+        """A check that waits until its channel is closed, which cancels the call (not the task)."""
+
+        def __init__(self) -> None:
+            self.calls: list[asyncio.Future[None]] = []
+
+        async def Check(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+            call: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.calls.append(call)
+            await call
+
+    class ServingHealth:
+        async def Check(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+            from grpc_health.v1 import health_pb2
+
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def main() -> tuple[bool, bool]:
+        pool = TargetPool(["127.0.0.1:1"], health_interval_s=0.05)
+        hanging = HangingHealth()
+        pool.instances["127.0.0.1:1"].health = hanging  # type: ignore[assignment]
+        pool._health_task = asyncio.ensure_future(pool._health_loop())
+        await asyncio.sleep(0.1)
+        assert hanging.calls  # a check is pending on the instance
+        pool.set_addresses(["127.0.0.1:2"])
+        pool.instances["127.0.0.1:2"].health = ServingHealth()  # type: ignore[assignment]
+        for call in hanging.calls:  # the removed instance's channel closes under the pending check
+            call.cancel()
+        await asyncio.sleep(0.3)
+        alive = not pool._health_task.done()
+        healthy = pool.instances["127.0.0.1:2"].healthy
+        await pool.close()
+        return alive, healthy
+
+    alive, healthy = asyncio.run(main())
+    assert alive and healthy
