@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install proto proto-check lint typecheck bench clean
+.PHONY: demo test install proto proto-check lint typecheck bench clean image image-offline e2e
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,23 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m dsi.cli bench
+
+# The image, either way (scripts/build-image.sh): `make image` from python:3.11-slim, PyPI and the
+# PyTorch index; `make image-offline` (or PIP_SOURCE=wheelhouse) with no network in the build: a
+# debootstrap base where python:3.11-slim can't be pulled, and the host's wheels. Both use an engine
+# that answers, or a private one (scripts/docker-engine.sh: root + CI=true or DSI_DOCKER_START=1).
+IMAGE ?= dsi:cpu
+PIP_SOURCE ?= index
+image:
+	scripts/docker-engine.sh run -- scripts/build-image.sh -t $(IMAGE) --$(PIP_SOURCE) --env-file build/image.env
+
+image-offline: $(STAMP)
+	$(MAKE) image PIP_SOURCE=wheelhouse
+
+# The compose cluster across containers (tests/e2e), with phase times; skips, saying why, where no
+# Docker engine can be had.
+e2e: $(STAMP)
+	scripts/e2e.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """The deployment files agree with the code: every compose command and Kubernetes container is
 accepted by the CLI's own parser with the environment it will run with (image ENV + service env),
-health checks probe the port each service binds, only the orchestrator is published, every GPU
+health checks probe the port each service binds, only the orchestrator and the HTTP gateway are
+published, every GPU
 service reserves its own device, the CPU override removes them, and the Dockerfile is a slim,
 multi-stage, non-root image whose HEALTHCHECK uses ``dsi health``."""
 
@@ -221,6 +222,10 @@ def validate_settings(ns: argparse.Namespace, where: str) -> Any:
             from services.orchestrator.settings import settings_from_args
 
             return settings_from_args(ns)
+        if ns.role == "gateway":
+            from services.gateway.settings import settings_from_args as gateway_settings
+
+            return gateway_settings(ns)
         from services.runtime.settings import model_server_settings
 
         return model_server_settings(ns, ns.role)
@@ -254,7 +259,7 @@ def service_settings(name: str, service: Mapping[str, Any]) -> tuple[argparse.Na
 
 def test_compose_has_two_targets_a_drafter_and_an_orchestrator(compose: Services) -> None:
     roles = sorted(compose_role(s) for s in compose.values())
-    assert roles == ["drafter", "orchestrator", "target", "target"]
+    assert roles == ["drafter", "gateway", "orchestrator", "target", "target"]
 
 
 def test_every_compose_command_is_accepted_and_binds_every_interface(compose: Services) -> None:
@@ -271,6 +276,10 @@ def test_every_service_health_checks_its_own_port_with_dsi_health(compose: Servi
         test = check["test"]
         assert test[0] in ("CMD", "CMD-SHELL"), test
         argv = test[1:] if test[0] == "CMD" else shlex.split(test[1])
+        if compose_role(service) == "gateway":  # HTTP: GET /health, ready while the orchestrator is
+            _, settings = service_settings(name, service)
+            assert argv[:2] == ["python", "-c"] and f"http://127.0.0.1:{settings.server.port}/health" in argv[2]
+            continue
         assert argv[:2] == ["dsi", "health"], f"{name}: {test}"
         health = parse_cli(argv[1:], {}, f"{name} healthcheck")
         host, port = host_port(health.address)
@@ -281,15 +290,19 @@ def test_every_service_health_checks_its_own_port_with_dsi_health(compose: Servi
             assert parse_duration(check["start_period"]) >= 120, f"{name}: start_period must cover loading"
 
 
-def test_only_the_orchestrator_is_published(compose: Services) -> None:
+def test_only_the_orchestrator_and_the_gateway_are_published(compose: Services) -> None:
     published = {name: s["ports"] for name, s in compose.items() if s.get("ports")}
-    assert list(published) == ["orchestrator"]
-    (port,) = published["orchestrator"]
-    ns, settings = service_settings("orchestrator", compose["orchestrator"])
-    bind, host_side, container_side = str(port).split(":")
-    assert int(container_side) == settings.server.port
-    assert bind == "127.0.0.1", "the unauthenticated API is published on loopback unless DSI_BIND opens it"
-    assert int(host_side) == 50051
+    assert sorted(published) == ["gateway", "orchestrator"]
+    for name, host_port_expected in (("orchestrator", 50051), ("gateway", 8000)):
+        (port,) = published[name]
+        ns, settings = service_settings(name, compose[name])
+        bind, host_side, container_side = str(port).split(":")
+        assert int(container_side) == settings.server.port
+        assert bind == "127.0.0.1", "the unauthenticated API is published on loopback unless DSI_BIND opens it"
+        assert int(host_side) == host_port_expected
+    _, gateway = service_settings("gateway", compose["gateway"])
+    assert gateway.orchestrator == "orchestrator:50051"
+    assert "orchestrator" in compose["gateway"]["depends_on"]
 
 
 def test_orchestrator_finds_every_target_through_their_shared_alias(compose: Services) -> None:
@@ -309,8 +322,8 @@ def test_orchestrator_finds_every_target_through_their_shared_alias(compose: Ser
     drafter_host, drafter_port = host_port(orch.drafter)
     assert compose_role(compose[drafter_host]) == "drafter"
     assert service_settings(drafter_host, compose[drafter_host])[1].server.port == drafter_port
-    for name in compose:
-        if name != "orchestrator":
+    for name, service in compose.items():
+        if compose_role(service) in MODEL_ROLES:
             assert compose["orchestrator"]["depends_on"][name]["condition"] == "service_healthy"
 
 
@@ -329,8 +342,8 @@ def test_each_gpu_service_reserves_its_own_device() -> None:
     ids: dict[str, list[str]] = {}
     for name, service in services.items():
         devices = reserved_devices(service)
-        if compose_role(service) == "orchestrator":
-            assert not devices, "the orchestrator needs no GPU"
+        if compose_role(service) not in MODEL_ROLES:
+            assert not devices, f"{name} needs no GPU"
             continue
         assert devices, f"{name} reserves no GPU"
         (device,) = devices
@@ -347,7 +360,7 @@ def test_each_gpu_service_reserves_its_own_device() -> None:
     gpus = {"DSI_TARGET_0_GPU": "5", "DSI_TARGET_1_GPU": "6", "DSI_DRAFTER_GPU": "7"}
     custom = load_compose(COMPOSE, env=gpus)
     picked = sorted(str(reserved_devices(s)[0]["device_ids"][0])
-                    for s in custom.values() if compose_role(s) != "orchestrator")
+                    for s in custom.values() if compose_role(s) in MODEL_ROLES)
     assert picked == ["5", "6", "7"]
 
 
@@ -480,15 +493,21 @@ def test_kustomization_lists_every_manifest() -> None:
 def test_every_k8s_container_is_accepted_probed_over_grpc_and_not_root() -> None:
     deployments = by_kind("Deployment")
     roles = sorted(k8s_settings(n, d)[0].role for n, d in deployments.items())
-    assert roles == ["drafter", "orchestrator", "target"]
+    assert roles == ["drafter", "gateway", "orchestrator", "target"]
     for name, deployment in deployments.items():
         container = k8s_container(deployment)
         ns, settings = k8s_settings(name, deployment)
         assert settings.server.host == "0.0.0.0"
         (port,) = container["ports"]
         assert port["containerPort"] == settings.server.port
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == settings.server.port, f"{name} {probe}"
+        if ns.role == "gateway":  # HTTP: ready while the orchestrator is SERVING, alive while it answers
+            assert port["name"] == "http"
+            assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+            assert container["livenessProbe"]["httpGet"]["port"] == "http"
+            assert settings.orchestrator == "dsi-orchestrator:50051"
+        else:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == settings.server.port, f"{name} {probe}"
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -497,7 +516,7 @@ def test_every_k8s_container_is_accepted_probed_over_grpc_and_not_root() -> None
             assert gpus == 1, f"{name} owns one GPU per replica"
             assert settings.device == "cuda:0"
         else:
-            assert gpus is None, "the orchestrator needs no GPU"
+            assert gpus is None, f"{name} needs no GPU"
     assert deployments["dsi-target"]["spec"]["replicas"] >= 2
 
 
