@@ -272,6 +272,22 @@ def test_dsi_equals_si_equals_non_si_equals_the_pair_in_process(
 # --- faults -----------------------------------------------------------------------------------------
 
 
+def test_the_gateway_streams_an_openai_completion_equal_to_the_grpc_api(cluster: ComposeCluster) -> None:
+    """The README's few lines of `openai` client code against the compose cluster's gateway."""
+    from openai import OpenAI
+
+    from dsi.client import Client
+
+    address = cluster.compose("port", "gateway", "8000").stdout.strip()
+    client = OpenAI(base_url=f"http://{address}/v1", api_key="unused", timeout=300)
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(
+        model="dsi-default", prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True)]
+    with Client(cluster.address, timeout=300) as grpc_client:
+        want = grpc_client.generate(PROMPTS[0], max_new_tokens=24).text
+    assert "".join(pieces) == want and want
+    assert len([p for p in pieces if p]) > 1  # streamed as it was generated, not in one piece
+
+
 def test_killing_a_target_mid_stream_retries_and_keeps_the_output(
     cluster: ComposeCluster, reference: Reference
 ) -> None:
