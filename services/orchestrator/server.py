@@ -146,7 +146,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
         raise StartupError(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}") from exc
     metrics = OrchestratorMetrics()
-    start_metrics_server(settings.server.metrics_port, metrics.registry)
+    start_metrics_server(settings.server.metrics_port, metrics.registry, settings.server.host)
     pool = TargetPool([], settings.deadline_s, settings.health_interval_s, metrics=metrics)
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s)
     drafter_channel = None

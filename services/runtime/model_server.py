@@ -105,7 +105,7 @@ async def serve_model_service(
     runner.counters.layers_run = 0
     runner.sessions.dropped = 0
     on_loaded(runner)
-    start_metrics_server(settings.server.metrics_port, runner_registry(runner, settings.role))
+    start_metrics_server(settings.server.metrics_port, runner_registry(runner, settings.role), settings.server.host)
     await server.set_serving()
     try:
         await server.wait_and_stop()

@@ -274,14 +274,15 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
         return guarded
 
 
-def start_metrics_server(port: int, registry: object) -> None:
-    """Expose Prometheus metrics on http://0.0.0.0:port/metrics when port > 0."""
+def start_metrics_server(port: int, registry: object, host: str = "127.0.0.1") -> None:
+    """Expose Prometheus metrics on http://host:port/metrics when port > 0 (the service's own --host:
+    loopback unless it was told otherwise)."""
     if port <= 0:
         return
     from prometheus_client import start_http_server
 
-    start_http_server(port, registry=registry)  # type: ignore[arg-type]
-    log.info("metrics on :%d/metrics", port)
+    start_http_server(port, addr=host, registry=registry)  # type: ignore[arg-type]
+    log.info("metrics on %s:%d/metrics", host, port)
 
 
 def configure_logging(level: str) -> None:
