@@ -19,7 +19,7 @@ from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
 from services.orchestrator.service import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
-from services.runtime.serving import GrpcServer, configure_logging, run_async, start_metrics_server
+from services.runtime.serving import GrpcServer, run_service, start_metrics_server
 from services.runtime.validation import GenerateLimits
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     settings = settings_mod.settings_from_args(ns)
-    configure_logging(settings.log_level)
-    try:
-        run_async(lambda: serve(settings))
-    except StartupError as exc:
-        log.error("refusing to start: %s", exc)
-        return 1
-    return 0
+    return run_service(settings.log_level, lambda: serve(settings), (StartupError,))

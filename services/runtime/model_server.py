@@ -16,7 +16,7 @@ from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
 from services.runtime.errors import Unavailable
 from services.runtime.model_metrics import runner_registry
-from services.runtime.serving import GrpcServer, configure_logging, run_async, start_metrics_server
+from services.runtime.serving import GrpcServer, run_service, start_metrics_server
 from services.runtime.settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,8 @@ def run_model_service(
     settings: ModelServerSettings, serve: Callable[[ModelServerSettings], Coroutine[Any, Any, None]]
 ) -> int:
     """Run a model service's ``serve`` to the end; a model that cannot be loaded (or a port that
-    cannot be bound) is one clear error line and exit status 1, not a traceback."""
-    configure_logging(settings.log_level)
-    try:
-        run_async(lambda: serve(settings))
-    except ModelLoadError as exc:
-        log.error("refusing to start: %s", exc)
-        return 1
-    return 0
+    cannot be bound) is a refusal to start (``run_service``)."""
+    return run_service(settings.log_level, lambda: serve(settings), (ModelLoadError,))
 
 
 def not_loaded(role: str) -> Unavailable:

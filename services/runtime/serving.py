@@ -285,6 +285,21 @@ def start_metrics_server(port: int, registry: object, host: str = "127.0.0.1") -
     log.info("metrics on %s:%d/metrics", host, port)
 
 
+def run_service(
+    log_level: str, serve: Callable[[], Coroutine[Any, Any, None]], refusals: tuple[type[Exception], ...]
+) -> int:
+    """Run a service's ``serve()`` to the end (exit status 0). A refusal to start (one of
+    ``refusals``: the cluster or model is not usable as configured) is one clear error line and exit
+    status 1, not a traceback."""
+    configure_logging(log_level)
+    try:
+        run_async(serve)
+    except refusals as exc:
+        log.error("refusing to start: %s", exc)
+        return 1
+    return 0
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
