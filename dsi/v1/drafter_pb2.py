@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64si/v1/drafter.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xb2\x01\n\x0c\x44raftRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x14\n\x0creturn_probs\x18\x06 \x01(\x08\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\x05\"R\n\x10\x44raftFlowRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.dsi.v1.DraftRequestH\x00\x12\x0f\n\x05grant\x18\x02 \x01(\x05H\x00\x42\x06\n\x04kind\"^\n\rDraftResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12)\n\x05probs\x18\x03 \x01(\x0b\x32\x1a.dsi.v1.SparseDistribution\"\x14\n\x12\x44rafterInfoRequest\"}\n\x13\x44rafterInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12)\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\x12\x19\n\x11oracle_acceptance\x18\x03 \x01(\x02\"+\n\x15\x44rafterReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16\x44rafterReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x95\x02\n\x0e\x44rafterService\x12\x36\n\x05\x44raft\x12\x14.dsi.v1.DraftRequest\x1a\x15.dsi.v1.DraftResponse0\x01\x12@\n\tDraftFlow\x12\x18.dsi.v1.DraftFlowRequest\x1a\x15.dsi.v1.DraftResponse(\x01\x30\x01\x12?\n\x04Info\x12\x1a.dsi.v1.DrafterInfoRequest\x1a\x1b.dsi.v1.DrafterInfoResponse\x12H\n\x07Release\x12\x1d.dsi.v1.DrafterReleaseRequest\x1a\x1e.dsi.v1.DrafterReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64si/v1/drafter.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xc1\x01\n\x0c\x44raftRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12\x14\n\x0creturn_probs\x18\x06 \x01(\x08\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\x05\x12\r\n\x05order\x18\x08 \x01(\x03\"j\n\x10\x44raftFlowRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.dsi.v1.DraftRequestH\x00\x12\x0f\n\x05grant\x18\x02 \x01(\x05H\x00\x12\x16\n\x0curgent_until\x18\x03 \x01(\x05H\x00\x42\x06\n\x04kind\"^\n\rDraftResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\x05\x12)\n\x05probs\x18\x03 \x01(\x0b\x32\x1a.dsi.v1.SparseDistribution\"\x14\n\x12\x44rafterInfoRequest\"}\n\x13\x44rafterInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12)\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\x12\x19\n\x11oracle_acceptance\x18\x03 \x01(\x02\"+\n\x15\x44rafterReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16\x44rafterReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x95\x02\n\x0e\x44rafterService\x12\x36\n\x05\x44raft\x12\x14.dsi.v1.DraftRequest\x1a\x15.dsi.v1.DraftResponse0\x01\x12@\n\tDraftFlow\x12\x18.dsi.v1.DraftFlowRequest\x1a\x15.dsi.v1.DraftResponse(\x01\x30\x01\x12?\n\x04Info\x12\x1a.dsi.v1.DrafterInfoRequest\x1a\x1b.dsi.v1.DrafterInfoResponse\x12H\n\x07Release\x12\x1d.dsi.v1.DrafterReleaseRequest\x1a\x1e.dsi.v1.DrafterReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dsi.v1.drafter_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAFTREQUEST']._serialized_start=54
-  _globals['_DRAFTREQUEST']._serialized_end=232
-  _globals['_DRAFTFLOWREQUEST']._serialized_start=234
-  _globals['_DRAFTFLOWREQUEST']._serialized_end=316
-  _globals['_DRAFTRESPONSE']._serialized_start=318
-  _globals['_DRAFTRESPONSE']._serialized_end=412
-  _globals['_DRAFTERINFOREQUEST']._serialized_start=414
-  _globals['_DRAFTERINFOREQUEST']._serialized_end=434
-  _globals['_DRAFTERINFORESPONSE']._serialized_start=436
-  _globals['_DRAFTERINFORESPONSE']._serialized_end=561
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=563
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=606
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=608
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=650
-  _globals['_DRAFTERSERVICE']._serialized_start=653
-  _globals['_DRAFTERSERVICE']._serialized_end=930
+  _globals['_DRAFTREQUEST']._serialized_end=247
+  _globals['_DRAFTFLOWREQUEST']._serialized_start=249
+  _globals['_DRAFTFLOWREQUEST']._serialized_end=355
+  _globals['_DRAFTRESPONSE']._serialized_start=357
+  _globals['_DRAFTRESPONSE']._serialized_end=451
+  _globals['_DRAFTERINFOREQUEST']._serialized_start=453
+  _globals['_DRAFTERINFOREQUEST']._serialized_end=473
+  _globals['_DRAFTERINFORESPONSE']._serialized_start=475
+  _globals['_DRAFTERINFORESPONSE']._serialized_end=600
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=602
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=645
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=647
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=689
+  _globals['_DRAFTERSERVICE']._serialized_start=692
+  _globals['_DRAFTERSERVICE']._serialized_end=969
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftRequest(_message.Message):
-    __slots__ = ("request_id", "session_id", "token_ids", "max_tokens", "sampling", "return_probs", "vocab_limit")
+    __slots__ = ("request_id", "session_id", "token_ids", "max_tokens", "sampling", "return_probs", "vocab_limit", "order")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DraftRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROBS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -23,15 +24,18 @@ class DraftRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     return_probs: bool
     vocab_limit: int
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_probs: _Optional[bool] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
+    order: int
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_probs: _Optional[bool] = ..., vocab_limit: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
 
 class DraftFlowRequest(_message.Message):
-    __slots__ = ("start", "grant")
+    __slots__ = ("start", "grant", "urgent_until")
     START_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
+    URGENT_UNTIL_FIELD_NUMBER: _ClassVar[int]
     start: DraftRequest
     grant: int
-    def __init__(self, start: _Optional[_Union[DraftRequest, _Mapping]] = ..., grant: _Optional[int] = ...) -> None: ...
+    urgent_until: int
+    def __init__(self, start: _Optional[_Union[DraftRequest, _Mapping]] = ..., grant: _Optional[int] = ..., urgent_until: _Optional[int] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("token_id", "position", "probs")

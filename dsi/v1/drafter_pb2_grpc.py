@@ -74,7 +74,8 @@ class DrafterServiceServicer:
         speculation. The first message starts it (its max_tokens is the initial credit); each later
         message grants more drafts. With no credit left the drafter waits for a grant; the stream ends
         when the caller half-closes and the credit is used up, or when the call is cancelled
-        (cancellation stops it before the next token, mid-forward if one is running).
+        (cancellation stops it before the next token, mid-forward if one is running). Later messages
+        may also mark which drafts are urgent: the drafter computes urgent drafts of every stream first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

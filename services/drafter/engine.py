@@ -25,6 +25,7 @@ from services.model.sampling import (
     sparse_from_dense,
     uniform_noise,
 )
+from services.model.worker import BACKGROUND, URGENT, Priority
 
 _SALT_ORACLE = 0x3C6EF372
 
@@ -43,7 +44,8 @@ class DraftFlow:
     one finishes, so drafting runs at model speed with no event-loop round trip between drafts; the
     event loop only receives the tokens. With no credit left the flow idles (freeing the worker for
     other sessions) until ``grant``; ``end_grants`` lets it finish once the credit is used; ``close``
-    stops it before the next token (mid-forward when one is running).
+    stops it before the next token (mid-forward when one is running). ``set_urgent`` marks which
+    drafts the caller needs next: the worker runs every flow's urgent steps before background ones.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class DraftFlow:
         sampling: Sampling,
         return_probs: bool,
         vocab_limit: int = 0,
+        order: int = 0,
     ) -> None:
         self._engine = engine
         self._session_id = session_id
@@ -62,11 +65,14 @@ class DraftFlow:
         self._sampling = sampling
         self._return_probs = return_probs
         self._vocab_limit = vocab_limit
+        self._order = order  # among flows' steps of one urgency, lower goes first (request age)
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[DraftToken | BaseException | None] = asyncio.Queue()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._credit = 0
+        self._urgent_until = 0  # drafts making the sequence at most this long are urgent (0 = all)
+        self._job: Job | None = None  # the step queued or running
         self._running = False  # a step is queued or running on the worker
         self._grants_ended = False
         self._finished = False  # the end (None) or an error was queued
@@ -88,6 +94,19 @@ class DraftFlow:
             self._running = self._running or start
         if start:
             self._submit()
+
+    def set_urgent(self, until: int) -> None:
+        """Drafts that make the sequence at most ``until`` tokens long are urgent, later ones are
+        background work (0: all urgent). A queued step takes its new priority at once."""
+        with self._lock:
+            self._urgent_until = max(0, until)
+            if self._job is not None:
+                self._job.priority = self._priority()
+
+    def _priority(self) -> Priority:
+        # The next draft makes the sequence len(seq) + 1 tokens long.
+        urgent = self._urgent_until == 0 or len(self._seq) + 1 <= self._urgent_until
+        return (URGENT if urgent else BACKGROUND, self._order)
 
     def end_grants(self) -> None:
         """No more grants will come: the flow ends when its credit is used."""
@@ -149,8 +168,11 @@ class DraftFlow:
             return_probs=self._return_probs,
             vocab_limit=self._vocab_limit,
         )
+        with self._lock:
+            self._job = Job(cancel=self._cancel, priority=self._priority())
+            job = self._job
         try:
-            self._engine.runner.submit(Job(cancel=self._cancel), step, self._stepped)
+            self._engine.runner.submit(job, step, self._stepped)
         except RuntimeError as exc:  # the runner is shutting down
             self._finish(exc)
 
@@ -209,10 +231,12 @@ class DrafterEngine:
         sampling: Sampling,
         return_probs: bool,
         vocab_limit: int = 0,
+        order: int = 0,
     ) -> DraftFlow:
         """A flow of drafts continuing token_ids, ``credit`` of them before the next grant; every
-        draft is an id below ``vocab_limit`` (0 = any id of the model)."""
-        return DraftFlow(self, session_id, token_ids, credit, sampling, return_probs, vocab_limit)
+        draft is an id below ``vocab_limit`` (0 = any id of the model). Among the steps of several
+        flows waiting for the model, urgent ones go first, then the lowest ``order``."""
+        return DraftFlow(self, session_id, token_ids, credit, sampling, return_probs, vocab_limit, order)
 
     async def draft(
         self,

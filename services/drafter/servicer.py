@@ -12,7 +12,12 @@ from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.drafter.engine import DrafterEngine, DraftToken
 from services.runtime.errors import InvalidArgument, grpc_errors
 from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
-from services.runtime.validation import validate_draft, validate_draft_grant, validate_vocab_limit
+from services.runtime.validation import (
+    validate_draft,
+    validate_draft_grant,
+    validate_urgent_until,
+    validate_vocab_limit,
+)
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
@@ -54,14 +59,24 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         sampling = validate_draft(start, engine.runner.loaded.vocab_size, limit, self.max_drafts)
         vocab_limit = validate_vocab_limit(start.vocab_limit)
         flow = engine.flow(
-            start.session_id, list(start.token_ids), start.max_tokens, sampling, start.return_probs, vocab_limit
+            start.session_id,
+            list(start.token_ids),
+            start.max_tokens,
+            sampling,
+            start.return_probs,
+            vocab_limit,
+            order=start.order,
         )
 
         async def read_grants() -> None:
             try:
                 async for msg in requests:
-                    if msg.WhichOneof("kind") != "grant":
-                        raise InvalidArgument("grant", "every message after the first must be a grant")
+                    kind = msg.WhichOneof("kind")
+                    if kind == "urgent_until":
+                        flow.set_urgent(validate_urgent_until(msg.urgent_until))
+                        continue
+                    if kind != "grant":
+                        raise InvalidArgument("grant", "every message after the first must be a grant or urgent_until")
                     credit, length = flow.snapshot()
                     flow.grant(
                         validate_draft_grant(msg.grant, credit, length, self.max_drafts, limit)

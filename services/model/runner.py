@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from services.model.errors import ModelError
 from services.model.kv_cache import crop_kv_cache, new_kv_cache
 from services.model.loading import LoadedModel
 from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
+from services.model.worker import URGENT, Priority, PriorityWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +104,9 @@ class Job:
     """One unit of work on the worker thread."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Queued jobs run lowest first: (URGENT, then BACKGROUND: speculative drafts; then the caller's
+    # order), FIFO within one; read when the worker picks its next job, so it may change meanwhile.
+    priority: Priority = (URGENT, 0)
     started: bool = False
     pad_s: float = 0.0
     t0: float = 0.0
@@ -157,7 +161,7 @@ class ModelRunner:
         self.sessions = SessionCache(
             new_kv=lambda: new_kv_cache(loaded.model.config), token_budget=token_budget, ttl_s=ttl_s
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self._executor = PriorityWorker("model-worker")
         self._job: Job | None = None
         params = inspect.signature(loaded.model.forward).parameters
         # Architectures without logits_to_keep compute logits for every new token instead.
@@ -199,15 +203,16 @@ class ModelRunner:
 
     def submit(self, job: Job, fn: Callable[[Job], T], on_done: Callable[[Future[T]], None]) -> None:
         """Queue ``fn(job)`` on the worker thread without an event-loop round trip; ``on_done`` gets
-        its future, on the worker thread, and may submit the next job at once (the queue is FIFO, so
-        chains of jobs from several callers interleave fairly). Setting ``job.cancel`` stops it."""
+        its future, on the worker thread, and may submit the next job at once (the queue is FIFO within
+        a ``job.priority``, so chains of jobs from several callers interleave fairly, urgent ones
+        first). Setting ``job.cancel`` stops it."""
         submitted = time.perf_counter()
 
         def work() -> T:
             job.queue_s = time.perf_counter() - submitted
             return self._run_job(job, fn)
 
-        self._executor.submit(work).add_done_callback(on_done)
+        self._executor.submit(work, priority=lambda: job.priority).add_done_callback(on_done)
 
     async def release(self, session_id: str) -> bool:
         return await asyncio.wrap_future(self._executor.submit(self.sessions.drop, session_id))

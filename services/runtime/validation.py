@@ -138,6 +138,13 @@ def validate_draft_grant(grant: int, credit: int, length: int, max_drafts: int, 
     return grant
 
 
+def validate_urgent_until(until: int) -> int:
+    """A DraftFlow urgency mark: a sequence length, >= 0 (0 = every draft urgent)."""
+    if until < 0:
+        raise InvalidArgument("urgent_until", f"must be >= 0, got {until}")
+    return until
+
+
 @dataclass(frozen=True)
 class GenerateLimits:
     vocab_size: int
