@@ -33,6 +33,7 @@ class GrpcDraftStream:
         self.call = stub.DraftFlow(self._outgoing(), timeout=timeout)
         self._loop = asyncio.get_running_loop()
         self._credit = start.max_tokens
+        self._urgent_until = 0  # the last urgency mark sent (0: every draft urgent)
         self._progress = self._loop.time()  # the last draft, or the grant that ended a wait for credit
         self._stalled = False
         self._watchdog = asyncio.ensure_future(self._watch(stall_s)) if stall_s > 0 else None
@@ -79,6 +80,11 @@ class GrpcDraftStream:
         self._credit += n
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=n))
 
+    def set_urgent(self, until: int) -> None:
+        if until != self._urgent_until:
+            self._urgent_until = until
+            self._requests.put_nowait(drafter_pb2.DraftFlowRequest(urgent_until=until))
+
     def end_grants(self) -> None:
         self._requests.put_nowait(None)  # half-close: the stream ends when its credit is used
 
@@ -98,6 +104,7 @@ class GrpcDrafterClient:
         deadline_s: float,
         vocab_limit: int = 0,
         stall_s: float = 0.0,
+        order: int = 0,
     ) -> None:
         """``vocab_limit``: drafts are ids below it (the targets' number of logits, so a drafter whose
         embedding is padded beyond them never proposes an id they cannot score); 0 = any."""
@@ -107,6 +114,7 @@ class GrpcDrafterClient:
         self.deadline_s = deadline_s
         self.vocab_limit = vocab_limit
         self.stall_s = stall_s  # abandon a stream that sends nothing this long while it has credit (0 = never)
+        self.order = order  # the request's arrival order: older requests' drafts go first
 
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> GrpcDraftStream:
         request = drafter_pb2.DraftRequest(
@@ -117,5 +125,6 @@ class GrpcDrafterClient:
             sampling=self.sampling,
             return_probs=return_probs,
             vocab_limit=self.vocab_limit,
+            order=self.order,
         )
         return GrpcDraftStream(self.stub, request, self.deadline_s, self.stall_s)

@@ -47,6 +47,10 @@ class OrchestratorMetrics:
             "dsi_critical_queue_wait_seconds", "Seconds critical-path windows waited for a free target", ["mode"],
             registry=r,
         )
+        self.windows_preempted = Counter(
+            "dsi_windows_preempted", "Speculative windows stopped on a target for a critical window", ["mode"],
+            registry=r,
+        )
         self.retries = Counter("dsi_window_retries", "Windows retried on another target", registry=r)
         self.target_busy = Counter(
             "dsi_target_busy_seconds", "Seconds each target instance spent on windows", ["target"], registry=r
@@ -71,6 +75,7 @@ class OrchestratorMetrics:
         self.wasted_target_s.labels(m).inc(stats.wasted_target_s)
         self.target_forwards.labels(m).inc(stats.target_forwards)
         self.critical_queue_wait_s.labels(m).inc(stats.critical_queue_wait_s)
+        self.windows_preempted.labels(m).inc(stats.windows_preempted)
         self.request_seconds.labels(m).observe(stats.wall_s)
         if stats.new_tokens:
             self.ttft_seconds.labels(m).observe(stats.ttft_s)

@@ -1,5 +1,10 @@
 """The pool of target instances: one window at a time per instance, the critical path first,
-cache affinity, health checks, and retry of failed windows on another instance."""
+cache affinity, health checks, and retry of failed windows on another instance.
+
+Speculation yields: when a request's critical window (rank 0) has to wait for an instance, the
+pool preempts a speculative window (rank >= 1) running elsewhere, the most speculative first: its
+forward is cancelled on the target (a real cancel, the session cache restored) and the window goes
+back to the queue with its rank, to run again when an instance is free."""
 
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ class TargetInstance:
     sessions: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
     # Resolved when the instance is marked down: windows running on it stop waiting and go elsewhere.
     _down: asyncio.Future[None] | None = None
+    running: _Running | None = None
 
     def down_signal(self) -> asyncio.Future[None]:
         """A future resolved the next time this instance is marked down."""
@@ -77,6 +83,20 @@ class TargetInstance:
 
 class InstanceDown(Exception):
     """The instance running a window was marked down (e.g. hung: health checks time out)."""
+
+
+class Preempted(Exception):
+    """A critical window needed the instance running this speculative one."""
+
+
+@dataclass
+class _Running:
+    """The window an instance is computing, its rank now, and the signal that preempts it."""
+
+    window: WindowRequest
+    rank: int
+    started: float
+    preempt: asyncio.Future[None]
 
 
 @dataclass(order=True)
@@ -109,6 +129,8 @@ class TargetPool:
         self.on_change: Callable[[int], None] | None = None
         # Session id -> addresses of the instances that were sent any of its windows (for Release).
         self._sent: dict[str, set[str]] = {}
+        # Rank now of each window being verified (id of its WindowRequest): reprioritize moves it up.
+        self._ranks: dict[int, int] = {}
         self.set_addresses(addresses)
 
     # -- membership and health -------------------------------------------------------------------
@@ -141,6 +163,10 @@ class TargetPool:
 
     def sp_limit(self) -> int:
         return self.healthy_count()
+
+    def spare(self) -> int:
+        """Healthy instances idle now that no waiting window will take."""
+        return max(0, len(self._free()) - self._live_waiters)
 
     async def start(self) -> None:
         await self.check_health()
@@ -249,10 +275,13 @@ class TargetPool:
             inst.busy = True
             return inst
         loop = asyncio.get_running_loop()
-        waiter = _Waiter((request.rank, request.request_seq, next(self._seq)), loop.create_future(), request)
+        rank = self._ranks.get(id(request), request.rank)
+        waiter = _Waiter((rank, request.request_seq, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
         self._report_queue()
+        if rank == 0:
+            self._preempt_for_critical()
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -272,13 +301,37 @@ class TargetPool:
             self.metrics.queue_depth.set(self._live_waiters)
 
     def reprioritize(self, request: WindowRequest, rank: int) -> None:
-        """Give a waiting window its new rank (no-op for a window that holds an instance or is gone)."""
+        """Give a window its new rank: a waiting one takes its place in the queue (and may preempt
+        speculation if it became critical); a running one is no longer preempted as it was."""
+        key = id(request)
+        if key in self._ranks:
+            if rank >= self._ranks[key]:
+                return
+            self._ranks[key] = rank
+        for inst in self.instances.values():
+            if inst.running is not None and inst.running.window is request:
+                inst.running.rank = min(rank, inst.running.rank)
+                return
         for waiter in self._waiters:
             if waiter.request is request and not waiter.future.done():
-                if rank < waiter.priority[0]:
-                    waiter.priority = (rank, *waiter.priority[1:])
-                    heapq.heapify(self._waiters)
+                if rank >= waiter.priority[0]:
+                    return
+                waiter.priority = (rank, *waiter.priority[1:])
+                heapq.heapify(self._waiters)
+                if rank == 0:
+                    self._preempt_for_critical()
                 return
+
+    def _preempt_for_critical(self) -> None:
+        """Preempt running speculative windows, the most speculative (then the latest started)
+        first, until every waiting critical window has an instance coming."""
+        critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
+        running = [i.running for i in self.instances.values() if i.healthy and i.running is not None]
+        critical -= sum(1 for r in running if r.preempt.done())  # instances already on their way
+        victims = sorted((r for r in running if r.rank > 0 and not r.preempt.done()),
+                         key=lambda r: (r.rank, r.started), reverse=True)
+        for victim in victims[: max(0, critical)]:
+            victim.preempt.set_result(None)
 
     def _release(self, inst: TargetInstance) -> None:
         inst.busy = False
@@ -312,7 +365,15 @@ class TargetPool:
             request.chunk_origin, request.chunk_size = chunking
         for ids, probs in window.draft_probs or []:
             request.draft_probs.add(token_ids=ids, probs=probs)
+        self._ranks[id(window)] = window.rank
+        try:
+            return await self._verify(window, request, request_id)
+        finally:
+            del self._ranks[id(window)]
+
+    async def _verify(self, window: WindowRequest, request: target_pb2.VerifyRequest, request_id: str) -> WindowResult:
         retries = 0
+        loop = asyncio.get_running_loop()
         while True:
             asked = time.perf_counter()
             try:
@@ -323,12 +384,17 @@ class TargetPool:
             # Sent, so the instance may hold the session from now on, whatever the call's outcome.
             self._sent.setdefault(window.session_id, set()).add(inst.address)
             started = time.perf_counter()
+            inst.running = _Running(window, self._ranks[id(window)], started, loop.create_future())
             call = inst.stub.Verify(request, timeout=self.deadline_s)
             try:
-                response = await self._answer_unless_down(call, inst)
+                response = await self._answer_unless_down(call, inst, inst.running.preempt)
             except asyncio.CancelledError:
                 call.cancel()  # a real cancel: the target stops its forward pass
                 raise
+            except Preempted:
+                call.cancel()
+                window.timing.preempted += 1
+                continue  # back to the queue with its rank; the instance goes to the critical window
             except (grpc.aio.AioRpcError, InstanceDown) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):
                     if exc.code() not in RETRYABLE:
@@ -343,6 +409,7 @@ class TargetPool:
                 log.warning("request %s: retrying window on another target (%s)", request_id, reason)
                 continue
             finally:
+                inst.running = None
                 elapsed = time.perf_counter() - started
                 window.timing.held_s += elapsed
                 inst.busy_s += elapsed
@@ -356,19 +423,24 @@ class TargetPool:
             return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)
 
     @staticmethod
-    async def _answer_unless_down(call: Any, inst: TargetInstance) -> target_pb2.VerifyResponse:
+    async def _answer_unless_down(
+        call: Any, inst: TargetInstance, preempt: asyncio.Future[None]
+    ) -> target_pb2.VerifyResponse:
         """The call's answer, or InstanceDown as soon as the instance is marked down (a hung target
-        answers nothing until the deadline; its window is re-sent elsewhere at once instead)."""
+        answers nothing until the deadline; its window is re-sent elsewhere at once instead), or
+        Preempted when a critical window needs the instance (the call is cancelled)."""
         down = inst.down_signal()
         answer: asyncio.Future[target_pb2.VerifyResponse] = asyncio.ensure_future(call)
         try:
-            await asyncio.wait([answer, down], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+            await asyncio.wait([answer, down, preempt], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         except asyncio.CancelledError:
             answer.cancel()  # cancels the RPC too
             raise
         if answer.done():
             return answer.result()
         answer.cancel()
+        if preempt.done():
+            raise Preempted(f"{inst.address} preempted for a critical window")
         raise InstanceDown(f"{inst.address} was marked down")
 
     async def release_session(self, session_id: str) -> None:
@@ -402,6 +474,9 @@ class PoolTargetClient:
 
     def sp_limit(self) -> int:
         return self.pool.sp_limit()
+
+    def spare(self) -> int:
+        return self.pool.spare()
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.pool.reprioritize(window, rank)

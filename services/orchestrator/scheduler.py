@@ -11,11 +11,13 @@ the target's token at positions base+s .. base+e (the last one is the *bonus* po
 flight at once.
 
 DSI, one epoch (everything launched from one committed prefix, at position ``base``):
-  1. dispatch window 0 (no drafts: the target's next token, i.e. the non-SI step) and open the
-     drafter stream, at once;
+  1. open the drafter stream and, when a target would otherwise idle, dispatch window 0 (no
+     drafts: the target's next token, i.e. the non-SI step) at once;
   2. every L new drafts, while fewer than SP windows are in flight, dispatch a window over them;
      if no window is computing the first undecided position (the critical path is idle), dispatch
-     one at once over the drafts there are; the drafter runs at most (SP + 1) x L drafts ahead;
+     one over the drafts there are; the drafter runs at most (SP + 1) x L drafts ahead. Under load
+     the rules in ``policy.py`` decide: speculative windows, short windows and window 0 only use
+     target capacity nobody else needs, and drafts beyond the critical window are background work;
   3. apply results strictly in window order; per position: the target's token equals the draft ->
      commit the draft; else commit the target's token, cancel every in-flight window and the drafter
      stream, and start a new epoch (a *rejection*). At the bonus position with no draft yet, commit
@@ -35,6 +37,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.orchestrator import policy
+
 log = logging.getLogger(__name__)
 
 
@@ -52,11 +56,13 @@ class Draft:
 @dataclass
 class WindowTiming:
     """Filled in by the target client as the window runs: seconds waiting for a free target
-    instance, seconds holding one (the call itself) and how many times it got one (retries count)."""
+    instance, seconds holding one (the call itself), how many times it got one (retries and
+    preemptions count) and how many times a critical window preempted it."""
 
     queued_s: float = 0.0
     held_s: float = 0.0
     acquired: int = 0
+    preempted: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,10 @@ class TargetClient(Protocol):
         """How many windows may run at once (healthy target instances)."""
         ...
 
+    def spare(self) -> int:
+        """Target instances idle now that no waiting window will take (capacity nobody needs)."""
+        ...
+
     async def verify(self, window: WindowRequest) -> WindowResult:
         """Verify one window. Cancelling the awaiting task must cancel the remote work."""
         ...
@@ -111,6 +121,11 @@ class DraftStream(Protocol):
 
     def end_grants(self) -> None:
         """No more grants: the stream ends once its credit is used."""
+        ...
+
+    def set_urgent(self, until: int) -> None:
+        """Drafts that make the sequence at most ``until`` tokens long are urgent; later ones are
+        background work the drafter does only when no stream has urgent drafts to make."""
         ...
 
     def cancel(self) -> None:
@@ -165,6 +180,7 @@ class RequestStats:
     wasted_target_s: float = 0.0
     target_forwards: int = 0
     critical_queue_wait_s: float = 0.0
+    windows_preempted: int = 0
     retries: int = 0
     drafter_failed: bool = False
     tokens_from_drafts: int = 0
@@ -336,6 +352,7 @@ class Scheduler:
     def _account(self, window: WindowRequest) -> None:
         """Target cost of a finished window (completed, failed or cancelled)."""
         self.stats.target_forwards += window.timing.acquired
+        self.stats.windows_preempted += window.timing.preempted
         if window.rank == 0:
             self.stats.critical_queue_wait_s += window.timing.queued_s
 
@@ -416,7 +433,8 @@ class Scheduler:
         sp = self._sp()
         self.stats.sp_degree = max(self.stats.sp_degree, sp)
         try:
-            self._dispatch(ep, 0, 0)  # window 0: the non-SI step, at once
+            # Window 0, the non-SI step, goes out at once when a target would otherwise idle.
+            self._dispatch_ready(ep, sp)
             self._open_drafter(ep, sp)
             while True:
                 kind, payload = await ep.events.get()
@@ -475,18 +493,32 @@ class Scheduler:
     def _window_done(ep: _Epoch, window: _Window, _task: object) -> None:
         ep.events.put_nowait(("window", window))
 
+    def _state(self, ep: _Epoch) -> policy.EpochState:
+        more = self.drafter is not None and (
+            len(ep.drafts) < ep.requested or self._draft_room(ep.base, ep.decided, ep.requested) > 0
+        )
+        return policy.EpochState(
+            drafts=len(ep.drafts),
+            decided=ep.decided,
+            dispatched_end=ep.dispatched_end,
+            windows=len(ep.windows),
+            applied=ep.applied,
+            in_flight=len(ep.in_flight()),
+            budget=ep.decided + self._remaining() - 1,  # drafts from here on are never verified
+            more_drafts=more,
+            critical_start=ep.windows[ep.applied].start if ep.applied < len(ep.windows) else 0,
+            critical_end=ep.windows[ep.applied].end if ep.applied < len(ep.windows) else 0,
+        )
+
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
-        budget = ep.decided + self._remaining() - 1  # drafts from here on are never verified (_draft_room)
-        while len(ep.in_flight()) < sp:
-            start = ep.dispatched_end
-            available = min(len(ep.drafts), budget) - start
-            critical_idle = ep.applied == len(ep.windows)
-            if available >= self.cfg.lookahead:
-                self._dispatch(ep, start, start + self.cfg.lookahead)
-            elif critical_idle and available > 0:
-                self._dispatch(ep, start, start + available)
-            else:
-                return
+        load = policy.Load(spare_targets=self.target.spare())
+        for start, end in policy.windows_to_dispatch(self._state(ep), self.cfg.lookahead, sp, load):
+            self._dispatch(ep, start, end)
+        self._mark_urgent(ep)
+
+    def _mark_urgent(self, ep: _Epoch) -> None:
+        if ep.stream is not None:
+            ep.stream.set_urgent(ep.base + policy.urgent_until(self._state(ep), self.cfg.lookahead))
 
     def _open_drafter(self, ep: _Epoch, sp: int) -> None:
         """Keep the drafter at most (SP + 1) x L drafts ahead of the decided position: enough for every
@@ -506,6 +538,7 @@ class Scheduler:
         prefix = self.seq[: ep.base] + [d.token_id for d in ep.drafts]
         stream = self.drafter.open(self.session_id, prefix, room, self.cfg.rejection)
         ep.stream = stream
+        self._mark_urgent(ep)
         ep.reader = asyncio.ensure_future(self._read_drafts(ep, stream))
 
     async def _read_drafts(self, ep: _Epoch, stream: DraftStream) -> None:

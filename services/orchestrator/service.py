@@ -88,6 +88,7 @@ class Orchestrator:
         prompt = await asyncio.to_thread(self.tokenize, params)
         max_new_tokens = new_tokens_within_context(len(prompt), params, self.limits)
         sampling = sampling_to_pb(params.sampling)
+        request_seq = next(self._seq)
         drafter = None
         if self.drafter_stub is not None and params.mode != "nonsi":
             drafter = GrpcDrafterClient(
@@ -97,6 +98,7 @@ class Orchestrator:
                 self.deadline_s,
                 vocab_limit=self.limits.vocab_size,
                 stall_s=self.drafter_stall_s,
+                order=request_seq,
             )
         scheduler = Scheduler(
             PoolTargetClient(
@@ -112,7 +114,7 @@ class Orchestrator:
                 draft_sequence_length=self.limits.draft_sequence_length,
             ),
             session_id=request_id,
-            request_seq=next(self._seq),
+            request_seq=request_seq,
         )
         text = IncrementalText(self.tokenizer, params.stop)
         queue: asyncio.Queue[tuple[CommittedToken, str]] = asyncio.Queue()

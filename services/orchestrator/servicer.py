@@ -47,6 +47,7 @@ def chunk_to_pb(chunk: Chunk) -> orchestrator_pb2.GenerateResponse:
                 wasted_target_s=s.wasted_target_s,
                 target_forwards=s.target_forwards,
                 critical_queue_wait_s=s.critical_queue_wait_s,
+                windows_preempted=s.windows_preempted,
                 seed=chunk.seed,
                 lookahead=s.lookahead,
                 sp_degree=s.sp_degree,

@@ -37,6 +37,9 @@ class AcceptAllTarget:
     def sp_limit(self) -> int:
         return 2
 
+    def spare(self) -> int:
+        return 2
+
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         pass
 
@@ -166,6 +169,49 @@ def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path,
                 assert stats.drafter_failed
             await asyncio.sleep(0.3)
             assert engine.runner.counters.cancelled >= 1  # the hung stream was really cancelled
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.runner.close()
+
+
+def test_urgent_drafts_of_every_stream_go_before_background_ones(tiny_pair: tuple[Path, Path]) -> None:
+    """Speculation yields on the drafter too: a stream whose drafts are marked background gets the
+    model only while no other stream has an urgent draft to make; a background draft that becomes
+    urgent takes its place at once; among urgent streams the older request (lower order) goes first."""
+    engine = _engine(tiny_pair[1], decode_ms=5)
+
+    async def scenario() -> None:
+        async with _serve(engine) as (stub, _):
+            arrivals: list[str] = []
+
+            def client(order: int) -> GrpcDrafterClient:
+                return GrpcDrafterClient(stub, common_pb2.SamplingParams(), f"r{order}", 30.0, order=order)
+
+            async def read(name: str, stream: object, n: int) -> None:
+                drafts = stream.__aiter__()  # type: ignore[attr-defined]
+                for _ in range(n):
+                    await anext(drafts)
+                    arrivals.append(name)
+
+            background = client(0).open("bg", PROMPT, 6, False)
+            background.set_urgent(len(PROMPT))  # none of its drafts is urgent (yet)
+            urgent_new = client(2).open("new", PROMPT, 6, False)
+            urgent_old = client(1).open("old", PROMPT, 6, False)
+            readers = [asyncio.ensure_future(read(n, s, 6))
+                       for n, s in (("bg", background), ("new", urgent_new), ("old", urgent_old))]
+            await asyncio.wait_for(asyncio.gather(*readers[1:]), 10)
+            # The background stream made at most the draft already running when the others came.
+            assert arrivals.count("bg") <= 1, arrivals
+            # The older request's drafts went first: all 6 within the first 7 urgent ones (the newer
+            # stream, opened first, may have got its first draft in before the older one arrived).
+            urgent = [a for a in arrivals if a != "bg"]
+            assert max(i for i, a in enumerate(urgent) if a == "old") <= 6, arrivals
+            background.set_urgent(0)  # now all of its drafts are urgent: it finishes
+            await asyncio.wait_for(readers[0], 10)
+            for s in (background, urgent_new, urgent_old):
+                s.cancel()
 
     try:
         asyncio.run(scenario())

@@ -69,10 +69,14 @@ class FakeTarget:
     started: dict[str, int] = field(default_factory=dict)
     max_concurrent: int = 0
     _busy: int = 0
+    _waiting: int = 0
     _sem: asyncio.Semaphore | None = None
 
     def sp_limit(self) -> int:
         return self.instances
+
+    def spare(self) -> int:
+        return max(0, self.instances - self._busy - self._waiting)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.promotions.append((window, rank))
@@ -83,9 +87,11 @@ class FakeTarget:
         self.calls.append(window)
         loop = asyncio.get_running_loop()
         asked = loop.time()
+        self._waiting += 1
         try:
             await self._sem.acquire()
         finally:
+            self._waiting -= 1
             window.timing.queued_s += loop.time() - asked
         held = loop.time()
         window.timing.acquired += 1
@@ -119,6 +125,7 @@ class FakeStream:
         self.grants: list[int] = [max_tokens]
         self.grants_ended = False
         self.cancelled = False
+        self.urgent: list[int] = []
         self._wake = asyncio.Event()
 
     def grant(self, n: int) -> None:
@@ -126,6 +133,9 @@ class FakeStream:
         self.credit += n
         self.grants.append(n)
         self._wake.set()
+
+    def set_urgent(self, until: int) -> None:
+        self.urgent.append(until)
 
     def end_grants(self) -> None:
         self.grants_ended = True

@@ -311,3 +311,85 @@ def test_the_health_loop_survives_a_target_removed_while_it_is_checked() -> None
 
     alive, healthy = asyncio.run(main())
     assert alive and healthy
+
+
+class _SessionStub(_FakeStub):
+    """Answers each session's windows after that session's delay; records every call."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        super().__init__(delay=0.0)
+        self.delays = delays
+        self.calls: list[tuple[str, _FakeCall]] = []
+
+    def Verify(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+        call = _FakeCall(self.delays[request.session_id], [7])
+        self.calls.append((request.session_id, call))
+        return call
+
+
+def _one_instance_pool(stub: _FakeStub) -> TargetPool:
+    pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
+    inst = pool.instances["127.0.0.1:1"]
+    inst.healthy = True
+    inst.stub = stub  # type: ignore[assignment]
+    return pool
+
+
+def test_a_waiting_critical_window_preempts_a_running_speculative_one() -> None:
+    """Speculation yields: the speculative window's forward is cancelled on the target at once, the
+    critical window gets the instance, and the speculative one runs again afterwards."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"spec": 0.5, "crit": 0.05})
+        pool = _one_instance_pool(stub)
+        sampling = common_pb2.SamplingParams()
+        spec_window = window("spec", [1, 2], 1, 0)
+        finished: list[str] = []
+
+        async def run(w: WindowRequest) -> None:
+            await pool.verify(w, sampling, w.session_id)
+            finished.append(w.session_id)
+
+        spec = asyncio.ensure_future(run(spec_window))
+        await asyncio.sleep(0.05)  # the speculative window holds the only instance
+        crit_window = window("crit", [1, 2], 0, 1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await run(crit_window)
+        assert loop.time() - t0 < 0.2  # did not wait out the speculative forward (0.5 s)
+        await spec
+        assert finished == ["crit", "spec"]
+        assert [name for name, _ in stub.calls] == ["spec", "crit", "spec"]
+        assert stub.calls[0][1].cancelled and not stub.calls[2][1].cancelled
+        assert spec_window.timing.preempted == 1 and spec_window.timing.acquired == 2
+        assert crit_window.timing.preempted == 0 and crit_window.timing.acquired == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_critical_windows_are_never_preempted() -> None:
+    """A critical window waits for another critical one; a speculative window that became its
+    request's critical path while running is not preempted either."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"first": 0.2, "promoted": 0.2, "crit": 0.01})
+        pool = _one_instance_pool(stub)
+        sampling = common_pb2.SamplingParams()
+        loop = asyncio.get_running_loop()
+        for name, rank in (("first", 0), ("promoted", 1)):
+            running_window = window(name, [1], rank, 0)
+            running = asyncio.ensure_future(pool.verify(running_window, sampling, "r"))
+            await asyncio.sleep(0.02)
+            pool.reprioritize(running_window, 0)
+            t0 = loop.time()
+            await pool.verify(window("crit", [1], 0, 1), sampling, "r")
+            assert loop.time() - t0 >= 0.15  # waited for the running window to finish
+            await running
+            assert running_window.timing.preempted == 0 and running_window.timing.acquired == 1
+        assert not any(call.cancelled for _, call in stub.calls)
+        await pool.close()
+
+    asyncio.run(main())

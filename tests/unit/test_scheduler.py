@@ -218,8 +218,11 @@ def test_a_cancel_at_an_epoch_boundary_stops_the_request() -> None:
 
 def test_wasted_target_time_counts_only_time_holding_a_target() -> None:
     """Four requests share two target instances, so windows queue; a window cancelled while queued
-    costs no target time, and the request's forwards are the windows that got an instance."""
+    costs no target time, and the request's forwards are the windows that got an instance. The
+    target reports capacity it does not have (as when requests race for the last idle instance), so
+    speculative windows do queue."""
     target = FakeTarget(instances=2, latency=1.0)
+    target.spare = lambda: 2  # type: ignore[method-assign]
     drafter = FakeDrafter(latency=0.1, acceptance=0.5)
 
     async def main():
@@ -243,3 +246,28 @@ def test_windows_are_promoted_as_the_ones_before_them_are_applied() -> None:
     for request, rank in target.promotions:
         assert 0 <= rank < request.rank  # only ever moved up
     assert any(rank == 0 for _, rank in target.promotions)
+
+
+def test_with_idle_targets_dsi_speculates_from_window_zero_on() -> None:
+    target = FakeTarget(instances=4, latency=1.0)
+    out, _, stats, _ = generate("dsi", target, FakeDrafter(latency=0.1, acceptance=0.8), n=40, lookahead=3)
+    assert out == reference(PROMPT, 40)
+    first = target.calls[0]
+    assert len(first.token_ids) == first.first_position == len(PROMPT)  # window 0: no drafts, at once
+    assert stats.max_windows_in_flight > 1
+
+
+def test_when_no_target_is_spare_dsi_sends_only_full_critical_windows() -> None:
+    """Under load (no idle target nobody waits for), no zero-draft or short window and no
+    speculative window goes out: each request keeps one full window in flight (pipelined SI), and
+    its output is unchanged."""
+    target = FakeTarget(instances=4, latency=1.0)
+    target.spare = lambda: 0  # type: ignore[method-assign]
+    lookahead, n = 3, 40
+    out, _, stats, _ = generate("dsi", target, FakeDrafter(latency=0.1, acceptance=0.8), n=n, lookahead=lookahead)
+    assert out == reference(PROMPT, n)
+    assert stats.max_windows_in_flight == 1
+    drafts = [len(w.token_ids) - w.first_position for w in target.calls]
+    budget_end = len(PROMPT) + n - 1  # the last position is never drafted
+    for w, d in zip(target.calls, drafts, strict=True):
+        assert d == lookahead or len(w.token_ids) == budget_end, drafts

@@ -1,0 +1,71 @@
+"""DSI's load-aware rules (services/orchestrator/policy.py) on scripted snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.orchestrator.policy import UNLOADED, EpochState, Load, urgent_until, windows_to_dispatch
+
+pytestmark = pytest.mark.unit
+
+L, SP = 4, 4
+BUSY = Load(spare_targets=0)
+
+
+def state(**kw: object) -> EpochState:
+    base: dict[str, object] = dict(
+        drafts=0, decided=0, dispatched_end=0, windows=0, applied=0, in_flight=0, budget=100, more_drafts=True
+    )
+    base.update(kw)
+    return EpochState(**base)  # type: ignore[arg-type]
+
+
+def test_idle_targets_get_window_zero_at_once() -> None:
+    assert windows_to_dispatch(state(), L, SP, UNLOADED) == [(0, 0)]
+    assert windows_to_dispatch(state(), L, SP, Load(spare_targets=1)) == [(0, 0)]
+
+
+def test_under_load_window_zero_waits_for_a_full_window() -> None:
+    assert windows_to_dispatch(state(), L, SP, BUSY) == []
+    assert windows_to_dispatch(state(drafts=3), L, SP, BUSY) == []
+    assert windows_to_dispatch(state(drafts=4), L, SP, BUSY) == [(0, 4)]
+
+
+def test_without_more_drafts_the_critical_window_goes_with_what_there_is() -> None:
+    """A dead drafter (or one at its context limit) must not leave the request waiting."""
+    assert windows_to_dispatch(state(more_drafts=False), L, SP, BUSY) == [(0, 0)]
+    assert windows_to_dispatch(state(drafts=2, more_drafts=False), L, SP, BUSY) == [(0, 2)]
+    # The last drafts the budget allows complete a window too.
+    assert windows_to_dispatch(state(drafts=5, budget=2), L, SP, BUSY) == [(0, 2)]
+
+
+def test_short_critical_windows_only_onto_idle_targets() -> None:
+    idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
+    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=1)) == [(4, 6)]
+    assert windows_to_dispatch(idle_critical, L, SP, BUSY) == []
+
+
+def test_speculative_windows_take_only_spare_targets() -> None:
+    # Window 0 computes (the critical one); 9 drafts are there.
+    busy_critical = state(drafts=9, windows=1, in_flight=1)
+    assert windows_to_dispatch(busy_critical, L, SP, UNLOADED) == [(0, 4), (4, 8)]
+    assert windows_to_dispatch(busy_critical, L, SP, Load(spare_targets=1)) == [(0, 4)]
+    assert windows_to_dispatch(busy_critical, L, SP, BUSY) == []
+    # Never more than SP in flight, spare or not.
+    assert windows_to_dispatch(busy_critical, L, 2, UNLOADED) == [(0, 4)]
+
+
+def test_a_critical_window_goes_out_under_load_and_speculation_after_it_needs_spare() -> None:
+    critical_idle = state(drafts=12, windows=0)
+    assert windows_to_dispatch(critical_idle, L, SP, BUSY) == [(0, 4)]
+    assert windows_to_dispatch(critical_idle, L, SP, Load(spare_targets=2)) == [(0, 4), (4, 8)]
+
+
+def test_urgent_drafts_are_those_a_full_window_at_the_critical_position_needs() -> None:
+    # No window computing: the next L drafts from the decided position.
+    assert urgent_until(state(decided=3), L) == 7
+    # A full critical window computing: its drafts exist; everything after is speculation.
+    assert urgent_until(state(windows=2, applied=1, critical_start=4, critical_end=8), L) == 8
+    # Window 0 (no drafts) or a short window computing: the drafts that fill it are still needed.
+    assert urgent_until(state(windows=1, critical_start=0, critical_end=0), L) == 4
+    assert urgent_until(state(windows=1, critical_start=2, critical_end=3), L) == 6
