@@ -118,15 +118,21 @@ class DraftFlow:
 
     def fail(self, exc: BaseException) -> None:
         """End the flow with this error (e.g. an invalid grant) and stop drafting."""
-        self._cancel.set()
+        self._stop()
         self._finish(exc)
 
     def close(self) -> None:
         """Stop drafting: a queued step never starts, a running forward stops at its next layer."""
         if not self._cancel.is_set():
-            self._cancel.set()
+            self._stop()
             if not self._finished:
                 self.count_cancel()
+
+    def _stop(self) -> None:
+        with self._lock:
+            self._cancel.set()
+            if self._job is not None:
+                self._job.cancel.set()
 
     def count_cancel(self) -> None:
         """Count this flow as cancelled by its caller (once)."""
@@ -169,7 +175,10 @@ class DraftFlow:
             vocab_limit=self._vocab_limit,
         )
         with self._lock:
-            self._job = Job(cancel=self._cancel, priority=self._priority())
+            # Its own cancel event: a preempted step stops without stopping the flow.
+            self._job = Job(priority=self._priority())
+            if self._cancel.is_set():
+                self._job.cancel.set()
             job = self._job
         try:
             self._engine.runner.submit(job, step, self._stepped)
@@ -184,6 +193,8 @@ class DraftFlow:
         if exc is not None:
             if not isinstance(exc, ForwardCancelled):
                 self._finish(exc)
+            elif self._job is not None and self._job.preempted and not self._cancel.is_set():
+                self._submit()  # an urgent step of another flow took the model: queue this one again
             return
         token = fut.result()
         with self._lock:

@@ -97,6 +97,7 @@ class RunnerCounters:
     cache_hit_tokens: int = 0
     computed_tokens: int = 0
     cancelled_compute_s: float = 0.0
+    preempted: int = 0  # background jobs stopped for urgent ones (not cancels: they run again)
 
 
 @dataclass
@@ -107,6 +108,8 @@ class Job:
     # Queued jobs run lowest first: (URGENT, then BACKGROUND: speculative drafts; then the caller's
     # order), FIFO within one; read when the worker picks its next job, so it may change meanwhile.
     priority: Priority = (URGENT, 0)
+    # Set (with ``cancel``) when an urgent job preempted this background one: its caller runs it again.
+    preempted: bool = False
     started: bool = False
     pad_s: float = 0.0
     t0: float = 0.0
@@ -205,14 +208,19 @@ class ModelRunner:
         """Queue ``fn(job)`` on the worker thread without an event-loop round trip; ``on_done`` gets
         its future, on the worker thread, and may submit the next job at once (the queue is FIFO within
         a ``job.priority``, so chains of jobs from several callers interleave fairly, urgent ones
-        first). Setting ``job.cancel`` stops it."""
+        first; a running background job is preempted, ``job.preempted`` and ``job.cancel`` set, when
+        an urgent one comes). Setting ``job.cancel`` stops it."""
         submitted = time.perf_counter()
 
         def work() -> T:
             job.queue_s = time.perf_counter() - submitted
             return self._run_job(job, fn)
 
-        self._executor.submit(work, priority=lambda: job.priority).add_done_callback(on_done)
+        def preempt() -> None:
+            job.preempted = True
+            job.cancel.set()
+
+        self._executor.submit(work, priority=lambda: job.priority, preempt=preempt).add_done_callback(on_done)
 
     async def release(self, session_id: str) -> bool:
         return await asyncio.wrap_future(self._executor.submit(self.sessions.drop, session_id))
@@ -221,7 +229,10 @@ class ModelRunner:
 
     def _run_job(self, job: Job, fn: Callable[[Job], T]) -> T:
         if job.cancel.is_set():
-            self.counters.cancelled_queued += 1
+            if job.preempted:
+                self.counters.preempted += 1
+            else:
+                self.counters.cancelled_queued += 1
             raise ForwardCancelled("cancelled while queued")
         job.started = True
         self._job = job
@@ -231,7 +242,10 @@ class ModelRunner:
             self._pad_rest(job)
             return result
         except ForwardCancelled:
-            self.counters.cancelled_mid_forward += 1
+            if job.preempted:
+                self.counters.preempted += 1
+            else:
+                self.counters.cancelled_mid_forward += 1
             self.counters.cancelled_compute_s += job.compute_s
             raise
         finally:

@@ -3,8 +3,10 @@ then the caller's order), in submission order within a priority (a single-thread
 ``ThreadPoolExecutor`` whose queue is ordered by priority).
 
 A job's priority is read each time the worker picks the next job, so a queued job that becomes
-urgent (a speculative draft the caller now needs) moves ahead at once. The queue holds at most one
-job per caller (the services chain their jobs), so picking by a scan is cheap."""
+urgent (a speculative draft the caller now needs) moves ahead at once. A running BACKGROUND job
+given a ``preempt`` callback is preempted (the callback stops it) as soon as an URGENT job is
+queued, so background work never delays urgent work by more than the stop. The queue holds at most
+one job per caller (the services chain their jobs), so picking by a scan is cheap."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class _Entry:
     future: Future[Any]
     fn: Callable[[], Any]
     priority: Callable[[], Priority]
+    preempt: Callable[[], None] | None = None
 
 
 class PriorityWorker:
@@ -41,18 +44,36 @@ class PriorityWorker:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
+        self._running: _Entry | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., T], *args: Any, priority: Callable[[], Priority] = _urgent) -> Future[T]:
+    def submit(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        priority: Callable[[], Priority] = _urgent,
+        preempt: Callable[[], None] | None = None,
+    ) -> Future[T]:
         """Run ``fn(*args)`` on the worker thread; among queued jobs the lowest ``priority()`` (read
-        when the worker is free) goes first, then the oldest."""
+        when the worker is free) goes first, then the oldest. ``preempt`` stops the job once it runs
+        (called at most once, when an URGENT job comes while it runs as BACKGROUND)."""
         future: Future[T] = Future()
         with self._cond:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
-            self._entries.append(_Entry(next(self._order), future, lambda: fn(*args), priority))
+            entry = _Entry(next(self._order), future, lambda: fn(*args), priority, preempt)
+            self._entries.append(entry)
             self._cond.notify()
+            running = self._running
+            if (
+                running is not None
+                and running.preempt is not None
+                and priority()[0] == URGENT
+                and running.priority()[0] == BACKGROUND
+            ):
+                stop, running.preempt = running.preempt, None
+                stop()
         return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
@@ -76,6 +97,7 @@ class PriorityWorker:
                 return None
             entry = min(self._entries, key=lambda e: (e.priority(), e.order))
             self._entries.remove(entry)
+            self._running = entry
             return entry
 
     def _loop(self) -> None:
@@ -85,6 +107,13 @@ class PriorityWorker:
             try:
                 result = entry.fn()
             except BaseException as exc:  # noqa: BLE001 - delivered to the caller through the future
+                self._done(entry)
                 entry.future.set_exception(exc)
             else:
+                self._done(entry)
                 entry.future.set_result(result)
+
+    def _done(self, entry: _Entry) -> None:
+        with self._cond:
+            if self._running is entry:
+                self._running = None

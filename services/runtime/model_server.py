@@ -51,6 +51,7 @@ def counters_pb(runner: ModelRunner) -> common_pb2.ServiceCounters:
         sessions=len(runner.sessions),
         sessions_dropped=runner.sessions.dropped,
         cancelled_compute_s=c.cancelled_compute_s,
+        preempted=c.preempted,
     )
 
 

@@ -19,6 +19,7 @@ from services.model.emulation import Emulation
 from services.model.loading import load_causal_lm
 from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
+from services.model.worker import BACKGROUND
 from services.orchestrator.drafter_client import GrpcDrafterClient
 from services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
 
@@ -178,13 +179,16 @@ def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path,
 
 def test_urgent_drafts_of_every_stream_go_before_background_ones(tiny_pair: tuple[Path, Path]) -> None:
     """Speculation yields on the drafter too: a stream whose drafts are marked background gets the
-    model only while no other stream has an urgent draft to make; a background draft that becomes
-    urgent takes its place at once; among urgent streams the older request (lower order) goes first."""
-    engine = _engine(tiny_pair[1], decode_ms=5)
+    model only while no other stream has an urgent draft to make (its running step is preempted,
+    and made again later: its drafts are unchanged); a background draft that becomes urgent takes
+    its place at once; among urgent streams the older request (lower order) goes first."""
+    engine = _engine(tiny_pair[1], decode_ms=50)
 
     async def scenario() -> None:
+        reference = [t.token_id async for t in engine.draft("ref", PROMPT, 6, Sampling(), False)]
         async with _serve(engine) as (stub, _):
             arrivals: list[str] = []
+            tokens: dict[str, list[int]] = {"bg": [], "new": [], "old": []}
 
             def client(order: int) -> GrpcDrafterClient:
                 return GrpcDrafterClient(stub, common_pb2.SamplingParams(), f"r{order}", 30.0, order=order)
@@ -192,24 +196,34 @@ def test_urgent_drafts_of_every_stream_go_before_background_ones(tiny_pair: tupl
             async def read(name: str, stream: object, n: int) -> None:
                 drafts = stream.__aiter__()  # type: ignore[attr-defined]
                 for _ in range(n):
-                    await anext(drafts)
+                    tokens[name].append((await anext(drafts)).token_id)
                     arrivals.append(name)
 
             background = client(0).open("bg", PROMPT, 6, False)
             background.set_urgent(len(PROMPT))  # none of its drafts is urgent (yet)
+            readers = [asyncio.ensure_future(read("bg", background, 6))]
+            # The drafter is busy with a background step (50 ms long) when the urgent streams come.
+            for _ in range(5000):
+                if arrivals and getattr(engine.runner._job, "priority", (0, 0))[0] == BACKGROUND:
+                    break
+                await asyncio.sleep(0.001)
             urgent_new = client(2).open("new", PROMPT, 6, False)
             urgent_old = client(1).open("old", PROMPT, 6, False)
-            readers = [asyncio.ensure_future(read(n, s, 6))
-                       for n, s in (("bg", background), ("new", urgent_new), ("old", urgent_old))]
+            readers += [asyncio.ensure_future(read(n, s, 6)) for n, s in (("new", urgent_new), ("old", urgent_old))]
             await asyncio.wait_for(asyncio.gather(*readers[1:]), 10)
-            # The background stream made at most the draft already running when the others came.
-            assert arrivals.count("bg") <= 1, arrivals
-            # The older request's drafts went first: all 6 within the first 7 urgent ones (the newer
-            # stream, opened first, may have got its first draft in before the older one arrived).
-            urgent = [a for a in arrivals if a != "bg"]
-            assert max(i for i, a in enumerate(urgent) if a == "old") <= 6, arrivals
+            # Once the urgent streams were drafting, no background draft came before they were done
+            # (the background step running when they came was preempted).
+            first_urgent = min(i for i, a in enumerate(arrivals) if a != "bg")
+            assert "bg" not in arrivals[first_urgent:], arrivals
+            arrivals = [a for a in arrivals if a != "bg"]
+            assert engine.runner.counters.preempted >= 1
+            # The older request's drafts went first: from its first one on, the newer stream (opened
+            # first, so it may have started before the older one arrived) waited for all of them.
+            first_old = arrivals.index("old")
+            assert arrivals[first_old: first_old + 6] == ["old"] * 6, arrivals
             background.set_urgent(0)  # now all of its drafts are urgent: it finishes
             await asyncio.wait_for(readers[0], 10)
+            assert tokens["bg"] == tokens["new"] == tokens["old"] == reference
             for s in (background, urgent_new, urgent_old):
                 s.cancel()
 

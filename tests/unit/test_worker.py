@@ -54,3 +54,32 @@ def test_an_exception_reaches_the_caller_and_the_worker_goes_on() -> None:
         failed.result(timeout=5)
     assert worker.submit(lambda: 42).result(timeout=5) == 42
     worker.shutdown()
+
+
+def test_an_urgent_job_preempts_a_running_background_one_only() -> None:
+    worker = PriorityWorker("test-worker")
+    stop, started = threading.Event(), threading.Event()
+    preempted: list[str] = []
+
+    def background() -> str:
+        started.set()
+        return "preempted" if stop.wait(5) else "ran out"
+
+    bg = worker.submit(background, priority=lambda: (BACKGROUND, 0),
+                       preempt=lambda: (preempted.append("bg"), stop.set()))
+    assert started.wait(5)
+    worker.submit(lambda: None, priority=lambda: (BACKGROUND, 1), preempt=lambda: preempted.append("bg2"))
+    assert preempted == []  # another background job does not preempt it
+    urgent = worker.submit(lambda: "urgent")
+    assert bg.result(timeout=5) == "preempted" and preempted == ["bg"]
+    assert urgent.result(timeout=5) == "urgent"
+
+    stop.clear()
+    started.clear()
+    running_urgent = worker.submit(background, preempt=lambda: preempted.append("urgent"))
+    assert started.wait(5)
+    worker.submit(lambda: None)
+    threading.Timer(0.1, stop.set).start()
+    assert running_urgent.result(timeout=5) == "preempted"  # ended by the timer, never preempted
+    assert preempted == ["bg"]
+    worker.shutdown()
