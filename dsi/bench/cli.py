@@ -159,6 +159,69 @@ def register(subparsers: Any) -> None:
     commands = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
     _register_precision(commands)
     _register_load(commands)
+    _register_window_cpu(commands)
+
+
+def _register_window_cpu(subparsers: Any) -> None:
+    """``dsi bench window-cpu`` (see :mod:`dsi.bench.window_cpu`)."""
+    from dsi.bench.window_cpu import WindowCpuSettings
+
+    d = WindowCpuSettings()
+    p = subparsers.add_parser(
+        "window-cpu",
+        help="CPU per Verify window outside the model against context length: incremental vs full Verify",
+        description=(
+            "Run the orchestrator's and the target's Verify code paths in-process (no network, the model "
+            "forward replaced by zero logits) for prompts of each --lengths, with incremental Verify (the "
+            "default: a window sends only what the target does not hold) and with --full-verify, and report "
+            "process CPU per window. Prints a table, writes --out-dir/--out-name (JSON) and a markdown table."
+        ),
+    )
+    add_flag(p, "--lengths", env="DSI_BENCH_WINDOW_CPU_LENGTHS", type=_ints, default=d.lengths,
+             help="prompt lengths in tokens (default 20,512,4096)")
+    add_flag(p, "--windows", env="DSI_BENCH_WINDOW_CPU_WINDOWS", type=int, default=d.windows,
+             help="windows per run (requests of 50 windows)")
+    add_flag(p, "--repeats", env="DSI_BENCH_WINDOW_CPU_REPEATS", type=int, default=d.repeats,
+             help="runs per cell; figures are medians")
+    add_flag(p, "--lookahead", env="DSI_BENCH_WINDOW_CPU_LOOKAHEAD", type=int, default=d.lookahead,
+             help="drafts per window")
+    add_flag(p, "--out-dir", env="DSI_BENCH_WINDOW_CPU_OUT_DIR", default=d.out_dir, help="where the results go")
+    add_flag(p, "--out-name", env="DSI_BENCH_WINDOW_CPU_OUT_NAME", default=d.out_name,
+             help="JSON file name (the markdown table gets the same stem, .md)")
+    p.set_defaults(func=_run_window_cpu)
+
+
+def _run_window_cpu(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from dsi.bench.window_cpu import HEADER, MODES, WindowCpuSettings, run_window_cpu, table, write_outputs
+
+    s = WindowCpuSettings(lengths=ns.lengths, windows=ns.windows, repeats=ns.repeats, lookahead=ns.lookahead,
+                          out_dir=ns.out_dir, out_name=ns.out_name)
+    errors = s.validate()
+    if errors:
+        for e in errors:
+            print(f"dsi bench window-cpu: {e}", file=sys.stderr)
+        return 2
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("dsi bench window-cpu", total=len(s.lengths) * len(MODES))
+
+        def step(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+
+        result = run_window_cpu(s, step)
+    t = Table(*HEADER, title="CPU per Verify window outside the model")
+    for row in table(result):
+        t.add_row(*row)
+    console.print(t)
+    paths = write_outputs(result, Path(s.out_dir), s.out_name)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _register_precision(subparsers: Any) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsi.v1 import common_pb2 as dsi_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/target.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\xe7\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x05\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12/\n\x0b\x64raft_probs\x18\x06 \x03(\x0b\x32\x1a.dsi.v1.SparseDistribution\x12\x14\n\x0c\x63hunk_origin\x18\x07 \x01(\x05\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\"s\n\x0eVerifyResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\x13\n\x11TargetInfoRequest\"a\n\x12TargetInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12)\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"*\n\x14TargetReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x15TargetReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xcf\x01\n\rTargetService\x12\x37\n\x06Verify\x12\x15.dsi.v1.VerifyRequest\x1a\x16.dsi.v1.VerifyResponse\x12=\n\x04Info\x12\x19.dsi.v1.TargetInfoRequest\x1a\x1a.dsi.v1.TargetInfoResponse\x12\x46\n\x07Release\x12\x1c.dsi.v1.TargetReleaseRequest\x1a\x1d.dsi.v1.TargetReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64si/v1/target.proto\x12\x06\x64si.v1\x1a\x13\x64si/v1/common.proto\"\x93\x02\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x05\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.dsi.v1.SamplingParams\x12/\n\x0b\x64raft_probs\x18\x06 \x03(\x0b\x32\x1a.dsi.v1.SparseDistribution\x12\x14\n\x0c\x63hunk_origin\x18\x07 \x01(\x05\x12\x12\n\nchunk_size\x18\x08 \x01(\x05\x12\x15\n\rprefix_length\x18\t \x01(\x05\x12\x13\n\x0bprefix_hash\x18\n \x01(\x04\"s\n\x0eVerifyResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07queue_s\x18\x04 \x01(\x01\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\x13\n\x11TargetInfoRequest\"a\n\x12TargetInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.dsi.v1.ModelInfo\x12)\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x17.dsi.v1.ServiceCounters\"*\n\x14TargetReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x15TargetReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xcf\x01\n\rTargetService\x12\x37\n\x06Verify\x12\x15.dsi.v1.VerifyRequest\x1a\x16.dsi.v1.VerifyResponse\x12=\n\x04Info\x12\x19.dsi.v1.TargetInfoRequest\x1a\x1a.dsi.v1.TargetInfoResponse\x12\x46\n\x07Release\x12\x1c.dsi.v1.TargetReleaseRequest\x1a\x1d.dsi.v1.TargetReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dsi.v1.target_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=53
-  _globals['_VERIFYREQUEST']._serialized_end=284
-  _globals['_VERIFYRESPONSE']._serialized_start=286
-  _globals['_VERIFYRESPONSE']._serialized_end=401
-  _globals['_TARGETINFOREQUEST']._serialized_start=403
-  _globals['_TARGETINFOREQUEST']._serialized_end=422
-  _globals['_TARGETINFORESPONSE']._serialized_start=424
-  _globals['_TARGETINFORESPONSE']._serialized_end=521
-  _globals['_TARGETRELEASEREQUEST']._serialized_start=523
-  _globals['_TARGETRELEASEREQUEST']._serialized_end=565
-  _globals['_TARGETRELEASERESPONSE']._serialized_start=567
-  _globals['_TARGETRELEASERESPONSE']._serialized_end=608
-  _globals['_TARGETSERVICE']._serialized_start=611
-  _globals['_TARGETSERVICE']._serialized_end=818
+  _globals['_VERIFYREQUEST']._serialized_end=328
+  _globals['_VERIFYRESPONSE']._serialized_start=330
+  _globals['_VERIFYRESPONSE']._serialized_end=445
+  _globals['_TARGETINFOREQUEST']._serialized_start=447
+  _globals['_TARGETINFOREQUEST']._serialized_end=466
+  _globals['_TARGETINFORESPONSE']._serialized_start=468
+  _globals['_TARGETINFORESPONSE']._serialized_end=565
+  _globals['_TARGETRELEASEREQUEST']._serialized_start=567
+  _globals['_TARGETRELEASEREQUEST']._serialized_end=609
+  _globals['_TARGETRELEASERESPONSE']._serialized_start=611
+  _globals['_TARGETRELEASERESPONSE']._serialized_end=652
+  _globals['_TARGETSERVICE']._serialized_start=655
+  _globals['_TARGETSERVICE']._serialized_end=862
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class PrefixNotHeld(RuntimeError):
+    """A Verify referenced a prefix (by length and hash) that the session's cache does not hold:
+    the caller sends the whole sequence instead."""
+
+
 class ModelError(RuntimeError):
     """A forward pass failed for a reason other than cancellation or device memory; the message names
     the model, the sequence length and the cause."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from services.model.emulation import Emulation
-from services.model.errors import ModelError
+from services.model.errors import ModelError, PrefixNotHeld
 from services.model.kv_cache import crop_kv_cache, new_kv_cache
 from services.model.loading import LoadedModel
 from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
@@ -287,6 +287,7 @@ class ModelRunner:
             return
         if crop_kv_cache(session.kv, length):
             del session.tokens[length:]
+            session.hashes.truncate(length)
         else:
             self.sessions.reset(session)
 
@@ -296,21 +297,39 @@ class ModelRunner:
             kwargs["logits_to_keep"] = keep
         return self.loaded.model(input_ids=torch.tensor([new], dtype=torch.long, device=self.loaded.device), **kwargs)
 
+    def held_prefix(self, session_id: str, length: int, prefix_hash: int) -> list[int]:
+        """The first ``length`` tokens of the session's cache, if it holds them and they hash to
+        ``prefix_hash``; else PrefixNotHeld (evicted, restarted, cut back by a cancel, or another
+        sequence). Worker thread only, like every session access."""
+        session = self.sessions.peek(session_id)
+        if session is None or len(session.tokens) < length or session.hashes.at(length) != prefix_hash:
+            held = 0 if session is None else len(session.tokens)
+            raise PrefixNotHeld(f"session {session_id!r} does not hold the {length}-token prefix (it holds {held})")
+        return session.tokens[:length]
+
     def forward(
-        self, job: Job, session_id: str, token_ids: list[int], first_logit: int, chunking: Chunking | None = None
+        self,
+        job: Job,
+        session_id: str,
+        token_ids: list[int],
+        first_logit: int,
+        chunking: Chunking | None = None,
+        known_prefix: int = 0,
     ) -> tuple[torch.Tensor, int]:
         """Logits predicting positions first_logit + 1 .. len(token_ids), reusing the session cache.
 
         Returns (logits [len(token_ids) - first_logit, vocab] float32, tokens reused from the cache).
         On return the session cache holds exactly ``token_ids``. With ``chunking`` the sequence is
         computed in fixed-shape chunks (see ``Chunking``) instead of one forward over what is new.
+        ``known_prefix``: the cache is known to hold token_ids[:known_prefix] (``held_prefix``), so
+        only the rest is compared.
         """
         n = len(token_ids)
         assert 0 <= first_logit < n, (first_logit, n)
         if n > self.max_sequence_length:
             raise ModelError(f"{n} tokens exceed the context of {self.loaded.name} ({self.max_sequence_length})")
         session = self.sessions.get(session_id)
-        start = min(common_prefix_len(session.tokens, token_ids), first_logit)
+        start = min(common_prefix_len(session.tokens, token_ids, known_prefix), first_logit)
         if chunking is not None:
             start = chunking.start_of(start)
         self._cut_back(session, start)
@@ -337,7 +356,11 @@ class ModelRunner:
                 if padding and not crop_kv_cache(session.kv, a + len(real)):
                     self.sessions.reset(session)  # the padding is in a recurrent state: start over next time
                     break
-                session.tokens = token_ids[: a + len(real)]
+                # Cut back to ``a`` tokens above: the cache now holds token_ids[: a + len(real)].
+                del session.tokens[a:]
+                session.tokens.extend(real)
+                session.hashes.truncate(a)
+                session.hashes.append(real)
         except ForwardCancelled:
             self._cut_back(session, len(session.tokens), aborted=True)
             raise

@@ -8,6 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.runtime.prefixes import PrefixHashes, common_prefix_len
+
+__all__ = ["CachedSession", "SessionCache", "common_prefix_len"]
+
 
 @dataclass
 class CachedSession:
@@ -16,14 +20,9 @@ class CachedSession:
     tokens: list[int]
     kv: Any
     last_used: float = field(default_factory=time.monotonic)
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    # Hashes of the prefixes of ``tokens`` (kept in step with it by the runner): a Verify may
+    # reference a prefix by length and hash instead of sending it.
+    hashes: PrefixHashes = field(default_factory=PrefixHashes)
 
 
 class SessionCache:
@@ -68,10 +67,15 @@ class SessionCache:
         self._sessions.move_to_end(session_id)
         return session
 
+    def peek(self, session_id: str) -> CachedSession | None:
+        """The session's cache if there is one (nothing is created, nothing marked as used)."""
+        return self._sessions.get(session_id)
+
     def reset(self, session: CachedSession) -> None:
         """Start a session over with an empty cache."""
         session.kv = self._new_kv()
         session.tokens = []
+        session.hashes = PrefixHashes()
 
     def drop(self, session_id: str) -> bool:
         if self._sessions.pop(session_id, None) is None:

@@ -51,6 +51,10 @@ class OrchestratorMetrics:
             "dsi_windows_preempted", "Speculative windows stopped on a target for a critical window", ["mode"],
             registry=r,
         )
+        self.prefix_misses = Counter(
+            "dsi_verify_prefix_misses", "Windows sent again in full: the target no longer held the referenced prefix",
+            registry=r,
+        )
         self.retries = Counter("dsi_window_retries", "Windows retried on another target", registry=r)
         self.target_busy = Counter(
             "dsi_target_busy_seconds", "Seconds each target instance spent on windows", ["target"], registry=r

@@ -10,11 +10,13 @@ Speculation spends only capacity nobody else needs (ARCHITECTURE.md section 3, "
   window, or the zero-draft window at the start of an epoch (the non-SI step), goes out only while
   a target instance would otherwise idle: under load each forward must carry a full window.
 - A *speculative* window (rank >= 1) goes out only full and only onto an idle instance nobody is
-  waiting for; the pool preempts a running speculative window when a critical one has to wait
-  (``pool.py``), so speculation never delays another request's critical path by more than the
-  cancel.
+  waiting for, except the full window right after a short critical one (window 0, say), which the
+  request needs next almost surely and which must not wait for the short one. The pool preempts a
+  running speculative window when a critical one has to wait (``pool.py``), so speculation never
+  delays another request's critical path by more than the cancel.
 - Drafts the request's next critical window needs are *urgent*; drafts beyond it are background
-  work, which the drafter computes only when no stream has urgent drafts to make (``urgent_until``).
+  work, which the drafter computes only when no stream has an urgent draft to make, preempted when
+  one comes (``urgent_until``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
     in_flight = state.in_flight
     usable = min(state.drafts, state.budget)
     critical_idle = state.applied == state.windows
+    # A short critical window (window 0, say) computes: the full window after it goes without spare.
+    follows_short = not critical_idle and state.critical_end - state.critical_start < lookahead
     while in_flight < sp:
         available = usable - start
         last = not state.more_drafts or usable >= state.budget  # no more drafts will come for it
@@ -65,8 +69,9 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
             epoch_start = state.windows == 0
             if not (complete or ((spare > 0 or last) and (available > 0 or epoch_start))):
                 return out
-        elif not (complete and spare > 0):
+        elif not (complete and (spare > 0 or follows_short)):
             return out
+        follows_short = False
         end = start + min(available, lookahead)
         out.append((start, end))
         spare = max(0, spare - 1)

@@ -4,7 +4,13 @@ cache affinity, health checks, and retry of failed windows on another instance.
 Speculation yields: when a request's critical window (rank 0) has to wait for an instance, the
 pool preempts a speculative window (rank >= 1) running elsewhere, the most speculative first: its
 forward is cancelled on the target (a real cancel, the session cache restored) and the window goes
-back to the queue with its rank, to run again when an instance is free."""
+back to the queue with its rank, to run again when an instance is free.
+
+Incremental Verify: a window sends only what the chosen instance does not already hold of the
+session (the rest referenced by length and prefix hash); the pool tracks what each instance holds
+by reference to the last window it verified there and the request's committed length, so working
+that out costs the window's uncommitted tail, not the whole sequence. A stale reference (evicted,
+restarted, cut back by a cancel) fails with FAILED_PRECONDITION and is sent again in full."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from dsi.v1 import common_pb2, target_pb2, target_pb2_grpc
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.scheduler import WindowRequest, WindowResult
 from services.runtime.errors import Unavailable
+from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 from services.runtime.serving import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -42,14 +49,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclass
 class TargetInstance:
     address: str
@@ -61,8 +60,8 @@ class TargetInstance:
     removed: bool = False
     busy_s: float = 0.0
     last_error: str = ""
-    # Tokens this instance's cache holds per session (the last window it verified), most recent last.
-    sessions: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+    # What this instance's cache holds per session, most recent last.
+    sessions: OrderedDict[str, Held] = field(default_factory=OrderedDict)
     # Resolved when the instance is marked down: windows running on it stop waiting and go elsewhere.
     _down: asyncio.Future[None] | None = None
     running: _Running | None = None
@@ -79,6 +78,18 @@ class TargetInstance:
         self.sessions.clear()
         if self._down is not None and not self._down.done():
             self._down.set_result(None)
+
+
+@dataclass(frozen=True)
+class Held:
+    """An instance's cache holds tokens[:length] of a session: the token ids of the last window it
+    verified there (by reference: a window's list is never changed), of which ``committed`` were
+    committed. A call that failed or was cancelled there may have cut the cache back: ``length``
+    then says how far it may have gone."""
+
+    tokens: list[int]
+    committed: int
+    length: int
 
 
 class InstanceDown(Exception):
@@ -114,8 +125,13 @@ class TargetPool:
         health_interval_s: float = 1.0,
         max_retries: int = 2,
         metrics: OrchestratorMetrics | None = None,
+        incremental: bool = True,
     ) -> None:
         self.deadline_s = deadline_s
+        # Windows send only what the instance does not hold (False: always the whole sequence).
+        self.incremental = incremental
+        # Session id -> hashes of its committed prefix so far (it only grows).
+        self._committed: dict[str, PrefixHashes] = {}
         self.health_interval_s = health_interval_s
         self.max_retries = max_retries
         self.metrics = metrics
@@ -237,12 +253,33 @@ class TargetPool:
 
     # -- acquiring an instance -------------------------------------------------------------------
 
+    @staticmethod
+    def held_prefix(inst: TargetInstance, window: WindowRequest) -> int:
+        """How many leading tokens of the window the instance's cache holds (by the pool's record).
+        Both sequences start with the request's committed tokens up to the shorter committed length,
+        so only what follows is compared: the cost is the windows' tails, not the sequence."""
+        held = inst.sessions.get(window.session_id)
+        if held is None:
+            return 0
+        common = common_prefix_len(held.tokens, window.token_ids, min(held.committed, window.committed, held.length))
+        return min(common, held.length)
+
+    def _unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
+        """A call for the window failed or was cancelled on the instance: its cache now holds at most
+        what both the record and the window start with, up to the first position scored (a cancelled
+        forward is cut back there), or, with fixed-shape chunks, to an unknown chunk boundary."""
+        held = inst.sessions.get(window.session_id)
+        if held is None:
+            return
+        if chunked:
+            del inst.sessions[window.session_id]
+            return
+        length = min(self.held_prefix(inst, window), window.first_position - 1)
+        inst.sessions[window.session_id] = Held(held.tokens, min(held.committed, length), length)
+
     def _best(self, free: list[TargetInstance], request: WindowRequest) -> TargetInstance:
         """The free instance whose cache holds the longest prefix of the window (then the least used)."""
-        return max(
-            free,
-            key=lambda i: (common_prefix_len(i.sessions.get(request.session_id, []), request.token_ids), -i.busy_s),
-        )
+        return max(free, key=lambda i: (self.held_prefix(i, request), -i.busy_s))
 
     def _free(self) -> list[TargetInstance]:
         return [i for i in self.instances.values() if i.healthy and not i.busy]
@@ -323,13 +360,14 @@ class TargetPool:
                 return
 
     def _preempt_for_critical(self) -> None:
-        """Preempt running speculative windows, the most speculative (then the latest started)
-        first, until every waiting critical window has an instance coming."""
+        """Preempt running speculative windows, the most speculative first (then the newest
+        request's, then the latest started: the queue's order backwards), until every waiting
+        critical window has an instance coming."""
         critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
         running = [i.running for i in self.instances.values() if i.healthy and i.running is not None]
         critical -= sum(1 for r in running if r.preempt.done())  # instances already on their way
         victims = sorted((r for r in running if r.rank > 0 and not r.preempt.done()),
-                         key=lambda r: (r.rank, r.started), reverse=True)
+                         key=lambda r: (r.rank, r.window.request_seq, r.started), reverse=True)
         for victim in victims[: max(0, critical)]:
             victim.preempt.set_result(None)
 
@@ -354,10 +392,10 @@ class TargetPool:
         request_id: str,
         chunking: tuple[int, int] | None = None,
     ) -> WindowResult:
+        # Everything but the sequence, which depends on what the chosen instance holds.
         request = target_pb2.VerifyRequest(
             request_id=request_id,
             session_id=window.session_id,
-            token_ids=window.token_ids,
             first_position=window.first_position,
             sampling=sampling,
         )
@@ -365,14 +403,38 @@ class TargetPool:
             request.chunk_origin, request.chunk_size = chunking
         for ids, probs in window.draft_probs or []:
             request.draft_probs.add(token_ids=ids, probs=probs)
+        hashes = self._committed.setdefault(window.session_id, PrefixHashes())
+        if len(hashes) < window.committed:
+            hashes.append(window.token_ids[len(hashes) : window.committed])
         self._ranks[id(window)] = window.rank
         try:
             return await self._verify(window, request, request_id)
         finally:
             del self._ranks[id(window)]
 
+    def _prefix_hash(self, window: WindowRequest, k: int) -> int:
+        """The hash of the window's first k tokens: the committed prefix's is kept, the rest (a few
+        drafts at most) hashed now."""
+        hashes = self._committed[window.session_id]
+        if k <= window.committed:
+            return hashes.at(k)
+        return extend(hashes.at(window.committed), window.token_ids[window.committed : k])
+
+    def _sequence(
+        self, request: target_pb2.VerifyRequest, window: WindowRequest, inst: TargetInstance, full: bool
+    ) -> int:
+        """Put into the request the part of the window's sequence the instance does not hold; returns
+        how many leading tokens it references instead (prefix_length)."""
+        k = 0 if full or not self.incremental else min(self.held_prefix(inst, window), window.first_position)
+        del request.token_ids[:]
+        request.token_ids.extend(window.token_ids[k:] if k else window.token_ids)
+        request.prefix_length = k
+        request.prefix_hash = self._prefix_hash(window, k) if k else 0
+        return k
+
     async def _verify(self, window: WindowRequest, request: target_pb2.VerifyRequest, request_id: str) -> WindowResult:
         retries = 0
+        full = False  # the instance did not hold a prefix it was sent by reference: send everything
         loop = asyncio.get_running_loop()
         while True:
             asked = time.perf_counter()
@@ -385,9 +447,12 @@ class TargetPool:
             self._sent.setdefault(window.session_id, set()).add(inst.address)
             started = time.perf_counter()
             inst.running = _Running(window, self._ranks[id(window)], started, loop.create_future())
+            referenced = self._sequence(request, window, inst, full)
             call = inst.stub.Verify(request, timeout=self.deadline_s)
+            answered = False
             try:
                 response = await self._answer_unless_down(call, inst, inst.running.preempt)
+                answered = True
             except asyncio.CancelledError:
                 call.cancel()  # a real cancel: the target stops its forward pass
                 raise
@@ -397,6 +462,14 @@ class TargetPool:
                 continue  # back to the queue with its rank; the instance goes to the critical window
             except (grpc.aio.AioRpcError, InstanceDown) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and referenced:
+                        # Its cache no longer holds what the pool recorded: send the whole sequence.
+                        inst.sessions.pop(window.session_id, None)
+                        window.timing.acquired -= 1  # refused before any forward
+                        full = True
+                        if self.metrics is not None:
+                            self.metrics.prefix_misses.inc()
+                        continue
                     if exc.code() not in RETRYABLE:
                         raise
                     self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
@@ -410,13 +483,15 @@ class TargetPool:
                 continue
             finally:
                 inst.running = None
+                if not answered:
+                    self._unsure(inst, window, request.chunk_size > 0)
                 elapsed = time.perf_counter() - started
                 window.timing.held_s += elapsed
                 inst.busy_s += elapsed
                 if self.metrics is not None:
                     self.metrics.target_busy.labels(inst.address).inc(elapsed)
                 self._release(inst)
-            inst.sessions[window.session_id] = list(window.token_ids)
+            inst.sessions[window.session_id] = Held(window.token_ids, window.committed, len(window.token_ids))
             inst.sessions.move_to_end(window.session_id)
             while len(inst.sessions) > 1024:
                 inst.sessions.popitem(last=False)
@@ -447,6 +522,7 @@ class TargetPool:
         """Drop the session on every instance that was ever sent one of its windows (the target
         creates it before the forward, so a window cancelled or failed there leaves one too)."""
         sent = self._sent.pop(session_id, set())
+        self._committed.pop(session_id, None)
         holders = [
             i for i in self.instances.values() if (i.sessions.pop(session_id, None) is not None) or i.address in sent
         ]

@@ -78,6 +78,9 @@ class WindowRequest:
     request_seq: int
     draft_probs: list[tuple[list[int], list[float]]] | None = None
     timing: WindowTiming = field(default_factory=WindowTiming, compare=False)
+    # token_ids[:committed] are committed: every later window of the request starts with them (the
+    # target client relies on it to tell what an instance already holds without comparing them).
+    committed: int = 0
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,7 @@ class Scheduler:
             rank=rank,
             request_seq=self.request_seq,
             draft_probs=probs,
+            committed=base,
         )
 
     # -- non-SI and SI baselines ----------------------------------------------------------------

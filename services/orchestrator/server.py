@@ -147,7 +147,9 @@ async def serve(settings: OrchestratorSettings) -> None:
         raise StartupError(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}") from exc
     metrics = OrchestratorMetrics()
     start_metrics_server(settings.server.metrics_port, metrics.registry, settings.server.host)
-    pool = TargetPool([], settings.deadline_s, settings.health_interval_s, metrics=metrics)
+    pool = TargetPool(
+        [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify
+    )
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s)
     drafter_channel = None
     try:

@@ -33,6 +33,7 @@ class OrchestratorSettings:
     max_active_requests: int = 64
     max_queued_requests: int = 256
     max_queue_wait_s: float = 30.0
+    full_verify: bool = False
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -96,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="fixed-shape target forwards (the prompt, then lookahead + 1 tokens at a time): output identical "
                   "across modes, runs and instances in bfloat16/float16 too, at the cost of recomputing and "
                   "padding each forward to lookahead + 1 tokens (see README, losslessness)")
+    add_flag(parser, "--full-verify", env=f"{env}_FULL_VERIFY", action="store_true",
+             help="send the whole sequence with every Verify window instead of only what the target does not "
+                  "already hold (for comparison: incremental Verify costs the same at any context length)")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
@@ -131,4 +135,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_active_requests=ns.max_active_requests,
         max_queued_requests=ns.max_queued_requests,
         max_queue_wait_s=ns.max_queue_wait_s,
+        full_verify=ns.full_verify,
     )

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.model.errors import ModelError
+from services.model.errors import ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"device out of memory: {exc}"
+    if isinstance(exc, PrefixNotHeld):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ModelError):
         return grpc.StatusCode.INTERNAL, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):

@@ -32,6 +32,8 @@ VERIFICATIONS = (
 def check_token_ids(field: str, ids: Sequence[int], vocab_size: int, *, allow_empty: bool = False) -> None:
     if not ids and not allow_empty:
         raise InvalidArgument(field, "must not be empty")
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):  # C-speed scans; the list below only on error
+        return
     bad = [t for t in ids if t < 0 or t >= vocab_size]
     if bad:
         raise InvalidArgument(field, f"token ids must be in [0, {vocab_size}); got {bad[:5]}")
@@ -81,20 +83,26 @@ def check_session(session_id: str) -> None:
 
 
 def validate_verify(request: Any, vocab_size: int, max_tokens: int) -> Sampling:
+    """A Verify request; only the tokens sent are checked (a referenced prefix was checked when it
+    was sent), so the cost does not grow with the part of the sequence the target already holds."""
     check_session(request.session_id)
     ids = list(request.token_ids)
-    check_token_ids("token_ids", ids, vocab_size)
-    if len(ids) > max_tokens:
+    check_token_ids("token_ids", ids, vocab_size, allow_empty=request.prefix_length > 0)
+    k = request.prefix_length
+    n = k + len(ids)
+    if n > max_tokens:
         raise InvalidArgument(
-            "token_ids", f"at most {max_tokens} tokens (the model's context or --max-sequence-tokens), got {len(ids)}"
+            "token_ids", f"at most {max_tokens} tokens (the model's context or --max-sequence-tokens), got {n}"
         )
-    if not 1 <= request.first_position <= len(ids):
-        raise InvalidArgument("first_position", f"must be in [1, {len(ids)}], got {request.first_position}")
+    if not 1 <= request.first_position <= n:
+        raise InvalidArgument("first_position", f"must be in [1, {n}], got {request.first_position}")
+    if not 0 <= k <= request.first_position:
+        raise InvalidArgument("prefix_length", f"must be in [0, first_position={request.first_position}], got {k}")
     sampling = sampling_from_pb(request.sampling)
-    if sampling.rejection and len(request.draft_probs) != len(ids) - request.first_position:
+    if sampling.rejection and len(request.draft_probs) != n - request.first_position:
         raise InvalidArgument(
             "draft_probs",
-            f"rejection sampling needs one distribution per draft ({len(ids) - request.first_position}), "
+            f"rejection sampling needs one distribution per draft ({n - request.first_position}), "
             f"got {len(request.draft_probs)}",
         )
     for i, dist in enumerate(request.draft_probs):

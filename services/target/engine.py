@@ -11,7 +11,8 @@ from services.model.sampling import Sampling, coupled_choice, dense_from_sparse,
 
 @dataclass
 class VerifyCall:
-    """One window: score positions first_position .. len(token_ids) of the session's sequence."""
+    """One window: score positions first_position .. n of the session's sequence, which is the
+    first ``prefix_length`` tokens its cache holds (hashing to ``prefix_hash``) then ``token_ids``."""
 
     session_id: str
     token_ids: list[int]
@@ -21,6 +22,8 @@ class VerifyCall:
     draft_probs: list[tuple[list[int], list[float]]] = field(default_factory=list)
     # Fixed-shape forwards (reproducible output in reduced precision); None = one forward over what is new.
     chunking: Chunking | None = None
+    prefix_length: int = 0
+    prefix_hash: int = 0
 
 
 @dataclass
@@ -43,15 +46,18 @@ class TargetEngine:
 
         def job(j: Job) -> tuple[list[int], int]:
             jobs.append(j)
+            seq = call.token_ids
+            if call.prefix_length:
+                seq = runner.held_prefix(call.session_id, call.prefix_length, call.prefix_hash) + seq
             logits, cached = runner.forward(
-                j, call.session_id, call.token_ids, call.first_position - 1, call.chunking
+                j, call.session_id, seq, call.first_position - 1, call.chunking, known_prefix=call.prefix_length
             )
-            positions = list(range(call.first_position, len(call.token_ids) + 1))
+            positions = list(range(call.first_position, len(seq) + 1))
             s = call.sampling
             if s.rejection and not s.greedy:
                 vocab = logits.shape[-1]
                 q = [dense_from_sparse(ids, probs, vocab, logits.device) for ids, probs in call.draft_probs]
-                tokens = rejection_verify(logits, call.token_ids[call.first_position :], q, call.first_position, s)
+                tokens = rejection_verify(logits, seq[call.first_position :], q, call.first_position, s)
             else:
                 tokens = coupled_choice(logits, positions, s)
             return tokens, cached

@@ -36,6 +36,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 sampling=sampling,
                 draft_probs=[(list(d.token_ids), list(d.probs)) for d in request.draft_probs],
                 chunking=Chunking(request.chunk_origin, request.chunk_size) if request.chunk_size else None,
+                prefix_length=request.prefix_length,
+                prefix_hash=request.prefix_hash,
             )
         )
         return target_pb2.VerifyResponse(

@@ -58,6 +58,58 @@ def test_verify_matches_full_recompute_with_cache_reuse(tiny_pair: tuple[Path, P
         svc.stop()
 
 
+def test_incremental_verify_references_the_held_prefix_by_length_and_hash(
+    tiny_pair: tuple[Path, Path], log_dir: Path
+) -> None:
+    """A window may send only the tokens after a prefix the session holds (prefix_length +
+    prefix_hash): same tokens as sending everything. A prefix the session does not hold (longer,
+    other tokens, unknown or released session, cut back) is refused with FAILED_PRECONDITION, with no
+    forward run and no session created."""
+    from services.runtime.prefixes import PrefixHashes
+
+    target_dir, _ = tiny_pair
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    svc = start_service("target", ["--model", str(target_dir), "--threads", "1"], log_dir)
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(1, 300, (60,), generator=g).tolist()
+
+    def verify(stub, session: str, ids: list[int], first: int, k: int = 0, h: int | None = None):  # type: ignore[no-untyped-def]
+        return stub.Verify(target_pb2.VerifyRequest(
+            session_id=session, token_ids=ids[k:], first_position=first, prefix_length=k,
+            prefix_hash=PrefixHashes(ids[:k]).at(k) if h is None else h), timeout=30)
+
+    try:
+        with grpc.insecure_channel(svc.address) as ch:
+            stub = target_pb2_grpc.TargetServiceStub(ch)
+            assert list(verify(stub, "s", seq[:30], 25).token_ids) == _reference_tokens(model, seq[:30], 25, Sampling())
+            # Grow by reference: the first 30 tokens are not sent.
+            resp = verify(stub, "s", seq[:40], 35, k=30)
+            assert list(resp.token_ids) == _reference_tokens(model, seq[:40], 35, Sampling())
+            assert resp.cached_tokens == 30
+            # A shorter held prefix, then the cache is cut back and diverges: still exact.
+            diverged = seq[:20] + [7, 8, 9]
+            expected = _reference_tokens(model, diverged, 21, Sampling())
+            assert list(verify(stub, "s", diverged, 21, k=20).token_ids) == expected
+            forwards = _info(stub).counters.forwards_completed
+            refused = [
+                lambda: verify(stub, "s", seq[:40], 35, k=30),  # cut back to 23 tokens: 30 no longer held
+                lambda: verify(stub, "s", seq[:22], 21, k=21),  # other tokens at position 20
+                lambda: verify(stub, "s", diverged, 21, k=21, h=12345),  # wrong hash
+                lambda: verify(stub, "unknown", seq[:10], 5, k=5),
+            ]
+            for call in refused:
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+            info = _info(stub)
+            assert info.counters.forwards_completed == forwards and info.counters.sessions == 1
+            with pytest.raises(grpc.RpcError) as err:  # a prefix longer than first_position
+                verify(stub, "s", diverged, 20, k=21)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        svc.stop()
+
+
 def test_cancelled_verify_stops_between_layers_and_keeps_cache_consistent(
     deep_pair: tuple[Path, Path], log_dir: Path
 ) -> None:

@@ -50,7 +50,10 @@ def test_speculative_windows_take_only_spare_targets() -> None:
     busy_critical = state(drafts=9, windows=1, in_flight=1)
     assert windows_to_dispatch(busy_critical, L, SP, UNLOADED) == [(0, 4), (4, 8)]
     assert windows_to_dispatch(busy_critical, L, SP, Load(spare_targets=1)) == [(0, 4)]
-    assert windows_to_dispatch(busy_critical, L, SP, BUSY) == []
+    assert windows_to_dispatch(busy_critical, L, SP, BUSY) == [(0, 4)]  # the one after window 0, see below
+    full_critical = state(drafts=13, dispatched_end=4, windows=1, in_flight=1, critical_start=0, critical_end=4)
+    assert windows_to_dispatch(full_critical, L, SP, Load(spare_targets=1)) == [(4, 8)]
+    assert windows_to_dispatch(full_critical, L, SP, BUSY) == []
     # Never more than SP in flight, spare or not.
     assert windows_to_dispatch(busy_critical, L, 2, UNLOADED) == [(0, 4)]
 
@@ -69,3 +72,15 @@ def test_urgent_drafts_are_those_a_full_window_at_the_critical_position_needs() 
     # Window 0 (no drafts) or a short window computing: the drafts that fill it are still needed.
     assert urgent_until(state(windows=1, critical_start=0, critical_end=0), L) == 4
     assert urgent_until(state(windows=1, critical_start=2, critical_end=3), L) == 6
+
+
+def test_the_full_window_after_a_short_critical_one_does_not_wait_for_spare() -> None:
+    """Window 0 (or a short critical window) computes; the full window after it is what the request
+    needs next, so it goes out even with no spare target, but only that one."""
+    after_window_zero = state(drafts=12, windows=1, in_flight=1, critical_start=0, critical_end=0)
+    assert windows_to_dispatch(after_window_zero, L, SP, BUSY) == [(0, 4)]
+    after_short = state(drafts=12, decided=3, dispatched_end=3, windows=2, applied=1, in_flight=1,
+                        critical_start=1, critical_end=3)
+    assert windows_to_dispatch(after_short, L, SP, BUSY) == [(3, 7)]
+    assert windows_to_dispatch(after_short, L, SP, Load(spare_targets=1)) == [(3, 7)]  # it takes the spare one
+    assert windows_to_dispatch(after_short, L, SP, Load(spare_targets=2)) == [(3, 7), (7, 11)]

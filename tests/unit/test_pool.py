@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import TargetPool
+from services.orchestrator.pool import Held, TargetPool
 from services.orchestrator.scheduler import RequestStats, WindowRequest
 
 pytestmark = pytest.mark.unit
@@ -52,8 +53,8 @@ def test_free_instance_with_the_longest_cached_prefix_is_preferred() -> None:
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
         for inst in pool.instances.values():
             inst.healthy = True
-        pool.instances["127.0.0.1:2"].sessions["s"] = [1, 2, 3, 4]
-        pool.instances["127.0.0.1:1"].sessions["s"] = [1, 2]
+        pool.instances["127.0.0.1:2"].sessions["s"] = Held([1, 2, 3, 4], 0, 4)
+        pool.instances["127.0.0.1:1"].sessions["s"] = Held([1, 2], 0, 2)
         got = await pool._acquire(window("s", [1, 2, 3, 4, 5], 0, 0))
         await pool.close()
         return got.address
@@ -390,6 +391,135 @@ def test_critical_windows_are_never_preempted() -> None:
             await running
             assert running_window.timing.preempted == 0 and running_window.timing.acquired == 1
         assert not any(call.cancelled for _, call in stub.calls)
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_preemption_stops_the_newest_requests_speculation_first() -> None:
+    """Two instances run speculative windows of equal rank; a critical window preempts the one of
+    the newer request (the queue's order backwards), however late the older one started."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"old": 0.3, "new": 0.3, "crit": 0.01})
+        pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
+        for inst in pool.instances.values():
+            inst.healthy = True
+            inst.stub = stub  # type: ignore[assignment]
+        sampling = common_pb2.SamplingParams()
+        new_window, old_window = window("new", [1], 1, 5), window("old", [1], 1, 2)
+        new = asyncio.ensure_future(pool.verify(new_window, sampling, "r"))
+        await asyncio.sleep(0.02)
+        old = asyncio.ensure_future(pool.verify(old_window, sampling, "r"))  # started later
+        await asyncio.sleep(0.02)
+        await pool.verify(window("crit", [1], 0, 9), sampling, "r")
+        await asyncio.gather(new, old)
+        assert new_window.timing.preempted == 1 and old_window.timing.preempted == 0
+        await pool.close()
+
+    asyncio.run(main())
+
+
+class _RecordingStub(_FakeStub):
+    """Answers at once; records (prefix_length, tokens sent) per call; refuses one referenced prefix
+    as a target whose cache lost it does."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.sent: list[tuple[int, list[int]]] = []
+        self.refuse_next_reference = False
+
+    def Verify(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
+        from services.runtime.prefixes import PrefixHashes
+
+        self.sent.append((request.prefix_length, list(request.token_ids)))
+        if request.prefix_length:
+            full = self.windows[-1][: request.prefix_length] + list(request.token_ids)
+            assert request.prefix_hash == PrefixHashes(full).at(request.prefix_length)
+            if self.refuse_next_reference:
+                self.refuse_next_reference = False
+                return _FailedCall(grpc.StatusCode.FAILED_PRECONDITION)
+        return _FakeCall(self.delay, [7])
+
+
+class _FailedCall:
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def cancel(self) -> None:
+        pass
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        async def fail():  # type: ignore[no-untyped-def]
+            raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "prefix not held")
+
+        return fail().__await__()
+
+
+def test_windows_send_only_what_the_instance_does_not_hold() -> None:
+    """Incremental Verify: after the first window, a window sends the tokens after what the instance
+    holds (the committed prefix and drafts it verified), referencing the rest by length and hash; a
+    refused reference is sent again in full; after a cancel only what surely survived is referenced."""
+    from dsi.v1 import common_pb2
+
+    prompt = list(range(10, 110))  # 100 tokens
+
+    async def main() -> None:
+        stub = _RecordingStub()
+        stub.windows = []  # type: ignore[attr-defined]
+        pool = _one_instance_pool(stub)
+        metrics = OrchestratorMetrics()
+        pool.metrics = metrics
+        sampling = common_pb2.SamplingParams()
+
+        async def send(tokens: list[int], first: int, committed: int) -> None:
+            stub.windows.append(tokens)  # type: ignore[attr-defined]
+            w = WindowRequest("s", tokens, first, 0, 0, committed=committed)
+            await pool.verify(w, sampling, "r")
+
+        await send(prompt + [1, 2, 3], 100, 100)  # first window: everything
+        await send(prompt + [1, 2, 3, 4, 5], 103, 100)  # same epoch, later drafts
+        await send(prompt + [1, 2, 9, 4], 102, 102)  # a rejection at 102: new epoch
+        stub.refuse_next_reference = True
+        await send(prompt + [1, 2, 9, 4, 6], 104, 104)
+        assert stub.sent == [
+            (0, prompt + [1, 2, 3]),
+            (103, [4, 5]),
+            (102, [9, 4]),
+            (104, [6]),  # refused: its cache lost it
+            (0, prompt + [1, 2, 9, 4, 6]),  # sent again in full
+        ]
+        assert metrics.prefix_misses._value.get() == 1  # type: ignore[attr-defined]
+
+        # A cancelled window: the cache may have been cut back to its first scored position.
+        stub.delay = 10.0
+        stub.windows.append(prompt + [1, 2, 9, 4, 6, 8, 8])  # type: ignore[attr-defined]
+        slow = WindowRequest("s", prompt + [1, 2, 9, 4, 6, 8, 8], 105, 0, 0, committed=105)
+        task = asyncio.ensure_future(pool.verify(slow, sampling, "r"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stub.delay = 0.0
+        await send(prompt + [1, 2, 9, 4, 6, 8, 7], 106, 106)
+        assert stub.sent[-1] == (104, [6, 8, 7])  # 104 = first scored position of the cancelled one - 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_full_verify_sends_the_whole_sequence_every_time() -> None:
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _RecordingStub()
+        pool = _one_instance_pool(stub)
+        pool.incremental = False
+        for n in (5, 7):
+            await pool.verify(WindowRequest("s", list(range(n)), n - 1, 0, 0, committed=n - 1),
+                              common_pb2.SamplingParams(), "r")
+        assert [k for k, _ in stub.sent] == [0, 0] and [len(t) for _, t in stub.sent] == [5, 7]
         await pool.close()
 
     asyncio.run(main())
