@@ -309,6 +309,10 @@ def _register_load(subparsers: Any) -> None:
              help="emulated target decode latency per forward")
     add_flag(p, "--prefill-ms", env="DSI_BENCH_LOAD_PREFILL_MS", type=float, default=None,
              help="emulated target prefill latency (default: --target-ms)")
+    add_flag(p, "--token-ms", env="DSI_BENCH_LOAD_TOKEN_MS", type=float, default=d.token_ms,
+             help="emulated target cost per token computed, on top of the above (charges prefills by length)")
+    add_flag(p, "--prompt-tokens", env="DSI_BENCH_LOAD_PROMPT_TOKENS", type=int, default=d.prompt_tokens,
+             help="prompts of about this many tokens (0 = the built-in short prompts)")
     add_flag(p, "--concurrency", env="DSI_BENCH_LOAD_CONCURRENCY", type=_ints, default=d.concurrency,
              help="closed-loop levels: requests at once (default 1,2,4,8,16; '' = none)")
     add_flag(p, "--rates", env="DSI_BENCH_LOAD_RATES", type=_floats_or_none, default=d.rates,
@@ -348,8 +352,9 @@ def _run_load(ns: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     s = LoadSettings(
         targets=ns.targets, c_values=ns.c_values, a_values=ns.a_values, target_ms=ns.target_ms,
-        prefill_ms=ns.prefill_ms, concurrency=ns.concurrency, rates=ns.rates, open_requests=ns.open_requests,
-        requests_per_client=ns.requests_per_client, repeats=ns.repeats, max_new_tokens=ns.max_new_tokens,
+        prefill_ms=ns.prefill_ms, token_ms=ns.token_ms, prompt_tokens=ns.prompt_tokens, concurrency=ns.concurrency,
+        rates=ns.rates, open_requests=ns.open_requests, requests_per_client=ns.requests_per_client,
+        repeats=ns.repeats, max_new_tokens=ns.max_new_tokens,
         lookahead=ns.lookahead, sp_degree=ns.sp_degree, modes=ns.modes, seed=ns.seed, out_dir=ns.out_dir,
         out_name=ns.out_name,
     )

@@ -98,6 +98,7 @@ class RunnerCounters:
     computed_tokens: int = 0
     cancelled_compute_s: float = 0.0
     preempted: int = 0  # background jobs stopped for urgent ones (not cancels: they run again)
+    cache_fill_tokens: int = 0
 
 
 @dataclass
@@ -339,7 +340,7 @@ class ModelRunner:
             pieces = chunking.pieces(start, n, self.max_sequence_length)
         else:
             pieces = [(start, n, n - first_logit)]
-        job.pad_s = self.emulation.prefill_s if start == 0 else self.emulation.decode_s
+        job.pad_s = self.emulation.pad_s(start == 0, sum(b - a for a, b, _ in pieces))
         job.t0 = time.perf_counter()
         rows: list[torch.Tensor] = []
         try:
@@ -378,6 +379,9 @@ class ModelRunner:
         self.sessions.enforce_budget(keep=session_id)
         self.counters.forwards_completed += 1
         self.counters.cache_hit_tokens += start
+        # Tokens computed only to fill the cache up to the first scored position (a prompt's prefill,
+        # or a window's catch-up on an instance that lacks part of the sequence).
+        self.counters.cache_fill_tokens += max(0, first_logit - start)
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]  # [n - first_logit, vocab]
         assert logits.shape[0] == n - first_logit, (logits.shape, n, first_logit)
         return logits, start

@@ -10,7 +10,13 @@ Incremental Verify: a window sends only what the chosen instance does not alread
 session (the rest referenced by length and prefix hash); the pool tracks what each instance holds
 by reference to the last window it verified there and the request's committed length, so working
 that out costs the window's uncommitted tail, not the whole sequence. A stale reference (evicted,
-restarted, cut back by a cancel) fails with FAILED_PRECONDITION and is sent again in full."""
+restarted, cut back by a cancel) fails with FAILED_PRECONDITION and is sent again in full.
+
+Placement: a window prefers the instance that holds the most of its sequence. Where it would first
+compute more than COLD_TOKENS tokens (a *cold* instance: a long prompt's prefill) it goes only onto
+capacity nobody else needs: a speculative window does not start a cold prefill while an instance
+is warm for its request (unless no other request uses the pool), and under load a critical window
+takes a warm instance from speculation (preempting it) rather than prefill cold."""
 
 from __future__ import annotations
 
@@ -35,6 +41,11 @@ from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 from services.runtime.serving import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+# A window that would first compute more than this many tokens on an instance (to catch its cache
+# up to the first scored position) is cold there: a prefill, placed only on capacity nobody needs.
+# Up to a few hundred tokens cost a GPU forward about what one token does (it is memory-bound).
+COLD_TOKENS = 256
 
 TARGET_SERVICE = "dsi.v1.TargetService"
 RETRYABLE = {
@@ -65,6 +76,8 @@ class TargetInstance:
     # Resolved when the instance is marked down: windows running on it stop waiting and go elsewhere.
     _down: asyncio.Future[None] | None = None
     running: _Running | None = None
+    # A critical window that preempted this instance's speculative window waits for it here.
+    reserved: asyncio.Future[TargetInstance | None] | None = None
 
     def down_signal(self) -> asyncio.Future[None]:
         """A future resolved the next time this instance is marked down."""
@@ -180,9 +193,15 @@ class TargetPool:
     def sp_limit(self) -> int:
         return self.healthy_count()
 
-    def spare(self) -> int:
-        """Healthy instances idle now that no waiting window will take."""
-        return max(0, len(self._free()) - self._live_waiters)
+    def spare(self, session_id: str | None = None) -> int:
+        """Healthy instances idle now that no waiting window will take; for a session, only those
+        warm for it (when any instance is), unless no other request uses the pool."""
+        free = self._free()
+        if session_id is not None and free and not self._quiet(session_id):
+            warm = [i for i in self.instances.values() if i.healthy and self._warm(i, session_id)]
+            if warm:
+                free = [i for i in free if i in warm]
+        return max(0, len(free) - self._live_waiters)
 
     async def start(self) -> None:
         await self.check_health()
@@ -277,6 +296,57 @@ class TargetPool:
         length = min(self.held_prefix(inst, window), window.first_position - 1)
         inst.sessions[window.session_id] = Held(held.tokens, min(held.committed, length), length)
 
+    # -- placement -------------------------------------------------------------------------------
+
+    def _warm(self, inst: TargetInstance, session_id: str) -> bool:
+        """The instance computes a window of the session now, or lacks at most COLD_TOKENS of its
+        committed sequence."""
+        if inst.running is not None and inst.running.window.session_id == session_id:
+            return True
+        held = inst.sessions.get(session_id)
+        committed = self._committed.get(session_id)
+        return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= COLD_TOKENS
+
+    def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
+        return window.first_position - 1 - self.held_prefix(inst, window) > COLD_TOKENS
+
+    def _quiet(self, session_id: str) -> bool:
+        """No other request has a window running or waiting: idle capacity is this one's to use."""
+        return all(
+            i.running is None or i.running.window.session_id == session_id for i in self.instances.values()
+        ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
+
+    def _may_run(self, inst: TargetInstance, window: WindowRequest, rank: int) -> bool:
+        """A critical window runs anywhere; a speculative one starts a cold prefill only when no
+        instance is warm for its request or no other request uses the pool."""
+        if rank == 0 or not self._cold(inst, window) or self._quiet(window.session_id):
+            return True
+        return not any(i.healthy and self._warm(i, window.session_id) for i in self.instances.values())
+
+    def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
+        """A warm instance for the window running a speculative window that may be preempted."""
+        victims = [
+            i for i in self.instances.values()
+            if i.healthy and i.reserved is None and i.running is not None and i.running.rank > 0
+            and not i.running.preempt.done() and not self._cold(i, window)
+        ]
+        return max(victims, key=lambda i: self.held_prefix(i, window), default=None)
+
+    async def _take_over(self, victim: TargetInstance) -> TargetInstance | None:
+        """Preempt the victim's speculative window and get its instance when the call ends (None if it
+        went down meanwhile)."""
+        assert victim.running is not None
+        reserved: asyncio.Future[TargetInstance | None] = asyncio.get_running_loop().create_future()
+        victim.reserved = reserved
+        victim.running.preempt.set_result(None)
+        try:
+            return await reserved
+        except asyncio.CancelledError:
+            got = reserved.result() if reserved.done() and not reserved.cancelled() else None
+            if got is not None:
+                self._release(got)
+            raise
+
     def _best(self, free: list[TargetInstance], request: WindowRequest) -> TargetInstance:
         """The free instance whose cache holds the longest prefix of the window (then the least used)."""
         return max(free, key=lambda i: (self.held_prefix(i, request), -i.busy_s))
@@ -285,16 +355,40 @@ class TargetPool:
         return [i for i in self.instances.values() if i.healthy and not i.busy]
 
     def _hand_off(self) -> None:
+        """Give free instances to waiting windows, in queue order; a speculative window that may not
+        start a cold prefill on any free instance keeps waiting, and the next one is served."""
         while self._waiters:
             free = self._free()
             if not free:
                 return
-            waiter = heapq.heappop(self._waiters)
-            if waiter.future.done():
-                continue
-            inst = self._best(free, waiter.request)
+            while self._waiters and self._waiters[0].future.done():
+                heapq.heappop(self._waiters)
+            if not self._waiters:
+                return
+            pick = self._first_that_may_run(free)
+            if pick is None:
+                return
+            waiter, choices = pick
+            if waiter is self._waiters[0]:
+                heapq.heappop(self._waiters)
+            else:
+                self._waiters.remove(waiter)
+                heapq.heapify(self._waiters)
+            inst = self._best(choices, waiter.request)
             inst.busy = True
             waiter.future.set_result(inst)
+
+    def _first_that_may_run(self, free: list[TargetInstance]) -> tuple[_Waiter, list[TargetInstance]] | None:
+        """The first waiter in queue order that may run on one of the free instances, and those."""
+        first = self._waiters[0]
+        choices = [i for i in free if self._may_run(i, first.request, first.priority[0])]
+        if choices:
+            return first, choices
+        for waiter in sorted(w for w in self._waiters[1:] if not w.future.done()):
+            choices = [i for i in free if self._may_run(i, waiter.request, waiter.priority[0])]
+            if choices:
+                return waiter, choices
+        return None
 
     async def _acquire(self, request: WindowRequest) -> TargetInstance:
         grace = time.monotonic() + max(2.0, 3 * self.health_interval_s)
@@ -306,13 +400,20 @@ class TargetPool:
                 await asyncio.wait_for(changed.wait(), timeout=self.health_interval_s)
             except asyncio.TimeoutError:
                 await self.check_health()
+        rank = self._ranks.get(id(request), request.rank)
         free = self._free()
-        if free and not self._waiters:
-            inst = self._best(free, request)
+        choices = [i for i in free if self._may_run(i, request, rank)] if free and not self._waiters else []
+        if choices:
+            inst = self._best(choices, request)
+            if rank == 0 and self._cold(inst, request) and not self._quiet(request.session_id):
+                # Rather than prefill cold under load, take a warm instance from speculation.
+                victim = self._warm_victim(request)
+                if victim is not None:
+                    got = await self._take_over(victim)
+                    return got if got is not None else await self._acquire(request)
             inst.busy = True
             return inst
         loop = asyncio.get_running_loop()
-        rank = self._ranks.get(id(request), request.rank)
         waiter = _Waiter((rank, request.request_seq, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
@@ -365,7 +466,9 @@ class TargetPool:
         critical window has an instance coming."""
         critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
         running = [i.running for i in self.instances.values() if i.healthy and i.running is not None]
-        critical -= sum(1 for r in running if r.preempt.done())  # instances already on their way
+        # Instances already on their way (not those a critical window has taken over).
+        critical -= sum(1 for i in self.instances.values()
+                        if i.healthy and i.running is not None and i.running.preempt.done() and i.reserved is None)
         victims = sorted((r for r in running if r.rank > 0 and not r.preempt.done()),
                          key=lambda r: (r.rank, r.window.request_seq, r.started), reverse=True)
         for victim in victims[: max(0, critical)]:
@@ -375,6 +478,13 @@ class TargetPool:
         inst.busy = False
         if inst.removed:
             asyncio.ensure_future(inst.channel.close())
+        reserved, inst.reserved = inst.reserved, None
+        if reserved is not None and not reserved.done():
+            if inst.healthy and not inst.removed:
+                inst.busy = True
+                reserved.set_result(inst)
+            else:
+                reserved.set_result(None)  # it went down: the critical window queues as usual
         self._hand_off()
 
     def unavailable_message(self) -> str:
@@ -552,7 +662,7 @@ class PoolTargetClient:
         return self.pool.sp_limit()
 
     def spare(self) -> int:
-        return self.pool.spare()
+        return self.pool.spare(self.request_id)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.pool.reprioritize(window, rank)

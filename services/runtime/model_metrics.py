@@ -27,6 +27,7 @@ _COUNTERS = {
     "dsi_model_cache_hit_tokens": ("cache_hit_tokens", "Tokens reused from a session's KV cache"),
     "dsi_model_computed_tokens": ("computed_tokens", "Tokens computed by forward passes"),
     "dsi_model_cancelled_compute_seconds": ("cancelled_compute_s", "Seconds of compute thrown away by cancels"),
+    "dsi_model_cache_fill_tokens": ("cache_fill_tokens", "Tokens computed only to fill a cache (prefill, catch-up)"),
     "dsi_model_preempted": ("preempted", "Background forward passes stopped for urgent ones (run again later)"),
 }
 

@@ -52,6 +52,7 @@ def counters_pb(runner: ModelRunner) -> common_pb2.ServiceCounters:
         sessions_dropped=runner.sessions.dropped,
         cancelled_compute_s=c.cancelled_compute_s,
         preempted=c.preempted,
+        cache_fill_tokens=c.cache_fill_tokens,
     )
 
 

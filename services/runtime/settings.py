@@ -55,7 +55,8 @@ def add_model_server_arguments(parser: argparse.ArgumentParser, role: str) -> No
     add_flag(parser, "--max-concurrent-rpcs", env=f"{env}_MAX_CONCURRENT_RPCS", type=int, default=256,
              help="calls accepted at once (more are rejected with RESOURCE_EXHAUSTED)")
     add_flag(parser, "--emulate-latency-ms", env=f"{env}_EMULATE_LATENCY_MS", type=_emulation, default="",
-             help="pad forward passes to at least PREFILL:DECODE milliseconds by sleeping (benchmarks)")
+             help="pad forward passes to at least PREFILL:DECODE milliseconds by sleeping (benchmarks); an "
+                  "optional third part, PREFILL:DECODE:PER_TOKEN, adds that much per token computed")
     add_flag(parser, "--prefill-latency-ms", env=f"{env}_PREFILL_LATENCY_MS", type=float, default=None,
              help="same as the PREFILL part of --emulate-latency-ms")
     add_flag(parser, "--decode-latency-ms", env=f"{env}_DECODE_LATENCY_MS", type=float, default=None,
@@ -78,6 +79,7 @@ def model_server_settings(ns: argparse.Namespace, role: str) -> ModelServerSetti
         emulation = Emulation(
             (ns.prefill_latency_ms if ns.prefill_latency_ms is not None else emulation.prefill_s * 1000) / 1000,
             (ns.decode_latency_ms if ns.decode_latency_ms is not None else emulation.decode_s * 1000) / 1000,
+            emulation.token_s,
         )
     oracle = float(getattr(ns, "oracle_acceptance", 0.0) or 0.0)
     if not 0.0 <= oracle <= 1.0:

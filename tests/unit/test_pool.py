@@ -523,3 +523,110 @@ def test_full_verify_sends_the_whole_sequence_every_time() -> None:
         await pool.close()
 
     asyncio.run(main())
+
+
+def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int]]:
+    """Instances A, B, C; A holds session "s" (600 committed tokens), B and C hold nothing of it."""
+    from services.runtime.prefixes import PrefixHashes
+
+    pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
+    for inst in pool.instances.values():
+        inst.healthy = True
+        if stub is not None:
+            inst.stub = stub  # type: ignore[assignment]
+    tokens = [t % 250 + 1 for t in range(600)]
+    pool._committed["s"] = PrefixHashes(tokens)
+    pool.instances["A:1"].sessions["s"] = Held(tokens, 600, 600)
+    return pool, tokens
+
+
+def _occupy(pool: TargetPool, address: str, session: str, rank: int = 0) -> None:
+    """Mark the instance as running a window of another session (as verify does)."""
+    from services.orchestrator.pool import _Running
+
+    inst = pool.instances[address]
+    inst.busy = True
+    inst.running = _Running(window(session, [1], rank, 0), rank, 0.0, asyncio.get_running_loop().create_future())
+
+
+def test_speculation_does_not_prefill_cold_under_load() -> None:
+    """A speculative window waits for the instance warm for its request rather than compute a
+    600-token prefix on an idle cold one while other requests use the pool; the scheduler sees no
+    spare target for it."""
+
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        _occupy(pool, "A:1", "other")
+        _occupy(pool, "C:1", "other")
+        assert pool.spare() == 1 and pool.spare("s") == 0  # B is idle, but cold for "s"
+        spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
+        task = asyncio.ensure_future(pool._acquire(spec))
+        await asyncio.sleep(0.01)
+        assert not task.done() and not pool.instances["B:1"].busy
+        pool.instances["A:1"].running = None
+        pool._release(pool.instances["A:1"])
+        assert (await task).address == "A:1"
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        _occupy(pool, "A:1", "s", rank=0)  # its own critical window
+        assert pool.spare("s") == 2
+        spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
+        assert (await pool._acquire(spec)).address in ("B:1", "C:1")
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_under_load_a_critical_window_takes_a_warm_instance_from_speculation() -> None:
+    """Instead of prefilling 600 tokens on the idle cold instance, the critical window preempts the
+    speculative window running on the warm one and gets that instance."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"s": 0.5})
+        pool, tokens = _placement_pool(stub)
+        _occupy(pool, "C:1", "other")
+        sampling = common_pb2.SamplingParams()
+        spec = WindowRequest("s", tokens + [5, 6, 7, 8, 9, 1, 2, 3], 604, 1, 1, committed=600)
+        spec_task = asyncio.ensure_future(pool.verify(spec, sampling, "s"))
+        await asyncio.sleep(0.02)
+        assert pool.instances["A:1"].running is not None  # the speculative window holds warm A
+        critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        got = await pool._acquire(critical)
+        assert got.address == "A:1" and loop.time() - t0 < 0.2
+        assert not pool.instances["B:1"].busy  # no cold prefill
+        assert spec.timing.preempted == 1
+        pool._release(got)
+        pool.instances["C:1"].running = None
+        pool._release(pool.instances["C:1"])
+        await spec_task  # runs again once an instance it may use is free
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_short_sequence_is_warm_everywhere() -> None:
+    """Catching up on fewer than COLD_TOKENS tokens is no prefill: any idle instance is spare."""
+    from services.orchestrator.pool import COLD_TOKENS
+    from services.runtime.prefixes import PrefixHashes
+
+    async def main() -> None:
+        pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
+        for inst in pool.instances.values():
+            inst.healthy = True
+        tokens = list(range(1, COLD_TOKENS))
+        pool._committed["s"] = PrefixHashes(tokens)
+        pool.instances["A:1"].sessions["s"] = Held(tokens, len(tokens), len(tokens))
+        _occupy(pool, "A:1", "other")
+        assert pool.spare("s") == 2  # B and C have never seen it, yet are not cold for it
+        await pool.close()
+
+    asyncio.run(main())
