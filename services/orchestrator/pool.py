@@ -139,10 +139,13 @@ class TargetPool:
         max_retries: int = 2,
         metrics: OrchestratorMetrics | None = None,
         incremental: bool = True,
+        cold_tokens: int = COLD_TOKENS,
     ) -> None:
         self.deadline_s = deadline_s
         # Windows send only what the instance does not hold (False: always the whole sequence).
         self.incremental = incremental
+        # More tokens than this to catch up on an instance = a cold prefill there (placement).
+        self.cold_tokens = cold_tokens
         # Session id -> hashes of its committed prefix so far (it only grows).
         self._committed: dict[str, PrefixHashes] = {}
         self.health_interval_s = health_interval_s
@@ -305,10 +308,10 @@ class TargetPool:
             return True
         held = inst.sessions.get(session_id)
         committed = self._committed.get(session_id)
-        return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= COLD_TOKENS
+        return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= self.cold_tokens
 
     def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
-        return window.first_position - 1 - self.held_prefix(inst, window) > COLD_TOKENS
+        return window.first_position - 1 - self.held_prefix(inst, window) > self.cold_tokens
 
     def _quiet(self, session_id: str) -> bool:
         """No other request has a window running or waiting: idle capacity is this one's to use."""

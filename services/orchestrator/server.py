@@ -148,7 +148,8 @@ async def serve(settings: OrchestratorSettings) -> None:
     metrics = OrchestratorMetrics()
     start_metrics_server(settings.server.metrics_port, metrics.registry, settings.server.host)
     pool = TargetPool(
-        [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify
+        [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify,
+        cold_tokens=settings.cold_prefill_tokens,
     )
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s)
     drafter_channel = None

@@ -34,6 +34,7 @@ class OrchestratorSettings:
     max_queued_requests: int = 256
     max_queue_wait_s: float = 30.0
     full_verify: bool = False
+    cold_prefill_tokens: int = 256
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -100,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--full-verify", env=f"{env}_FULL_VERIFY", action="store_true",
              help="send the whole sequence with every Verify window instead of only what the target does not "
                   "already hold (for comparison: incremental Verify costs the same at any context length)")
+    add_flag(parser, "--cold-prefill-tokens", env=f"{env}_COLD_PREFILL_TOKENS", type=int, default=256,
+             help="a window that would first compute more than this many tokens on a target instance (a long "
+                  "prompt's prefill) goes there only on capacity nobody else needs; a huge value turns this off")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
@@ -108,6 +112,8 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         raise SystemExit(f"--sp-degree must be >= 0, got {ns.sp_degree}")
     if ns.max_active_requests < 1 or ns.max_queued_requests < 0 or ns.max_queue_wait_s < 0:
         raise SystemExit("--max-active-requests must be >= 1, --max-queued-requests and --max-queue-wait-s >= 0")
+    if ns.cold_prefill_tokens < 0:
+        raise SystemExit(f"--cold-prefill-tokens must be >= 0, got {ns.cold_prefill_tokens}")
     targets = _split(ns.targets)
     if not targets:
         raise SystemExit("--targets is required (or DSI_ORCHESTRATOR_TARGETS): at least one target host:port")
@@ -136,4 +142,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_queued_requests=ns.max_queued_requests,
         max_queue_wait_s=ns.max_queue_wait_s,
         full_verify=ns.full_verify,
+        cold_prefill_tokens=ns.cold_prefill_tokens,
     )
