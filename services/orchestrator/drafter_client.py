@@ -18,8 +18,10 @@ class DrafterStalled(Exception):
 
 class GrpcDraftStream:
     """One DraftFlow call. A watchdog abandons it (a real cancel, then ``DrafterStalled``) when the
-    drafter sends nothing for ``stall_s`` while it has credit: a hung drafter costs a bounded wait,
-    after which the request goes on target-only, in every mode."""
+    drafter sends nothing for ``stall_s`` while it owes an urgent draft: a hung drafter costs a
+    bounded wait, after which the request goes on target-only, in every mode. Background drafts
+    (past ``set_urgent``'s mark) may wait indefinitely: the drafter makes them only when it has
+    nothing urgent to do, so their absence under load is no stall."""
 
     def __init__(
         self,
@@ -33,18 +35,24 @@ class GrpcDraftStream:
         self.call = stub.DraftFlow(self._outgoing(), timeout=timeout)
         self._loop = asyncio.get_running_loop()
         self._credit = start.max_tokens
+        self._length = len(start.token_ids)  # the sequence the next draft extends
         self._urgent_until = 0  # the last urgency mark sent (0: every draft urgent)
-        self._progress = self._loop.time()  # the last draft, or the grant that ended a wait for credit
+        # The last draft, or the grant or urgency mark that ended a wait for credit or for urgency.
+        self._progress = self._loop.time()
         self._stalled = False
         self._watchdog = asyncio.ensure_future(self._watch(stall_s)) if stall_s > 0 else None
 
     async def _watch(self, stall_s: float) -> None:
         while True:
             await asyncio.sleep(stall_s / 4)
-            if self._credit > 0 and self._loop.time() - self._progress > stall_s:
+            if self._owes_urgent() and self._loop.time() - self._progress > stall_s:
                 self._stalled = True
                 self.call.cancel()
                 return
+
+    def _owes_urgent(self) -> bool:
+        """Credit left, and the next draft is urgent."""
+        return self._credit > 0 and (self._urgent_until == 0 or self._length + 1 <= self._urgent_until)
 
     async def _outgoing(self) -> AsyncIterator[drafter_pb2.DraftFlowRequest]:
         while (msg := await self._requests.get()) is not None:
@@ -54,6 +62,7 @@ class GrpcDraftStream:
         try:
             async for msg in self.call:
                 self._credit -= 1
+                self._length += 1
                 self._progress = self._loop.time()
                 probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
                 yield Draft(msg.token_id, probs)
@@ -75,13 +84,15 @@ class GrpcDraftStream:
                 self._watchdog.cancel()
 
     def grant(self, n: int) -> None:
-        if self._credit <= 0:
-            self._progress = self._loop.time()  # it was waiting for credit, not stalled
+        if not self._owes_urgent():
+            self._progress = self._loop.time()  # it was waiting for credit or urgency, not stalled
         self._credit += n
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(grant=n))
 
     def set_urgent(self, until: int) -> None:
         if until != self._urgent_until:
+            if not self._owes_urgent():
+                self._progress = self._loop.time()  # it may have been waiting as background work
             self._urgent_until = until
             self._requests.put_nowait(drafter_pb2.DraftFlowRequest(urgent_until=until))
 

@@ -443,11 +443,12 @@ class Scheduler:
             while True:
                 kind, payload = await ep.events.get()
                 if kind == "draft_end":
-                    if payload is ep.stream:  # ended early (drafter failed): no more drafts on it
-                        ep.stream = None
-                        ep.requested = len(ep.drafts)
-                        self._open_drafter(ep, sp)
-                    continue
+                    if payload is not ep.stream:
+                        continue
+                    # Ended early (deadline, or the drafter failed): no more drafts on it. Reopen, or
+                    # with no drafter left dispatch what there is (below): nothing else may be pending.
+                    ep.stream = None
+                    ep.requested = len(ep.drafts)
                 elif kind == "window":
                     window = payload
                     assert isinstance(window, _Window)

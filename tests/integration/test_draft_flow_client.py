@@ -31,15 +31,16 @@ PROMPT = [5, 6, 7, 8]
 class AcceptAllTarget:
     """A target whose tokens are the drafter's own greedy continuation: every draft is accepted."""
 
-    def __init__(self, seq: list[int], latency: float) -> None:
+    def __init__(self, seq: list[int], latency: float, spare: int = 2) -> None:
         self.seq = seq
         self.latency = latency
+        self._spare = spare
 
     def sp_limit(self) -> int:
         return 2
 
     def spare(self) -> int:
-        return 2
+        return self._spare
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         pass
@@ -146,11 +147,12 @@ def test_half_close_ends_the_flow_after_its_credit(tiny_pair: tuple[Path, Path])
         engine.runner.close()
 
 
-@pytest.mark.parametrize("mode", ["si", "dsi"])
-def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path, Path], mode: str) -> None:
+@pytest.mark.parametrize(("mode", "spare"), [("si", 2), ("dsi", 2), ("dsi", 0)])
+def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path, Path], mode: str, spare: int) -> None:
     """A drafter that sends nothing while it has credit (here: 30 s per draft): SI gives it up after
-    the stall time and finishes target-only, saying so; DSI never waits for drafts (its zero-draft
-    window runs at once every epoch), so it finishes at target speed either way."""
+    the stall time and finishes target-only, saying so; DSI with idle targets does not wait for
+    drafts (its zero-draft window runs at once), and DSI under load (no spare target: no window 0)
+    gives the drafter up after the stall time and goes on with what there is."""
     engine = _engine(tiny_pair[1], decode_ms=30_000)
     n = 6
 
@@ -158,7 +160,7 @@ def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path,
         reference = PROMPT + [1] * (n + 1)
         async with _serve(engine, deadline_s=60.0) as (stub, client):
             client.stall_s = 0.5
-            sched = Scheduler(AcceptAllTarget(reference, 0.01), client,
+            sched = Scheduler(AcceptAllTarget(reference, 0.01, spare), client,
                               SchedulerConfig(mode=mode, lookahead=3, max_new_tokens=n), "s")
             loop = asyncio.get_running_loop()
             t0 = loop.time()
@@ -166,7 +168,7 @@ def test_a_hung_drafter_is_abandoned_after_a_bounded_wait(tiny_pair: tuple[Path,
             stats = await asyncio.wait_for(sched.run(PROMPT, lambda t: out.append(t.token_id) or False), 20)
             assert out == reference[len(PROMPT):len(PROMPT) + n]
             assert loop.time() - t0 < 5.0  # at most one stall, not one per round, nor the 60 s deadline
-            if mode == "si":
+            if mode == "si" or spare == 0:
                 assert stats.drafter_failed
             await asyncio.sleep(0.3)
             assert engine.runner.counters.cancelled >= 1  # the hung stream was really cancelled
@@ -226,6 +228,37 @@ def test_urgent_drafts_of_every_stream_go_before_background_ones(tiny_pair: tupl
             assert tokens["bg"] == tokens["new"] == tokens["old"] == reference
             for s in (background, urgent_new, urgent_old):
                 s.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.runner.close()
+
+
+def test_background_drafts_may_wait_without_the_stream_being_abandoned(tiny_pair: tuple[Path, Path]) -> None:
+    """The stall watchdog only watches urgent drafts: a stream whose next draft is background work
+    is left waiting however long (under load the drafter makes background drafts only when idle);
+    once its next draft is urgent again, a drafter that sends nothing is abandoned as before."""
+    from services.orchestrator.drafter_client import DrafterStalled
+
+    engine = _engine(tiny_pair[1], decode_ms=30_000)  # a hung drafter
+
+    async def scenario() -> None:
+        async with _serve(engine, deadline_s=60.0) as (_, client):
+            client.stall_s = 0.3
+            stream = client.open("s", PROMPT, 3, False)
+            drafts = stream.__aiter__()
+            await anext(drafts)  # the first one comes at once (a prefill: not padded)
+            stream.set_urgent(len(PROMPT) + 1)  # the next draft is background work
+            reader = asyncio.ensure_future(anext(drafts))
+            await asyncio.sleep(1.0)
+            assert not reader.done()  # 3 stall times: still waiting, not abandoned
+            stream.set_urgent(0)  # urgent from now on
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(DrafterStalled):
+                await asyncio.wait_for(reader, 5)
+            assert loop.time() - t0 < 1.0
 
     try:
         asyncio.run(scenario())
