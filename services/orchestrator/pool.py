@@ -140,12 +140,15 @@ class TargetPool:
         metrics: OrchestratorMetrics | None = None,
         incremental: bool = True,
         cold_tokens: int = COLD_TOKENS,
+        headroom: int = 1,
     ) -> None:
         self.deadline_s = deadline_s
         # Windows send only what the instance does not hold (False: always the whole sequence).
         self.incremental = incremental
         # More tokens than this to catch up on an instance = a cold prefill there (placement).
         self.cold_tokens = cold_tokens
+        # Idle instances speculation leaves to other requests' critical windows while they run.
+        self.headroom = headroom
         # Session id -> hashes of its committed prefix so far (it only grows).
         self._committed: dict[str, PrefixHashes] = {}
         self.health_interval_s = health_interval_s
@@ -197,14 +200,18 @@ class TargetPool:
         return self.healthy_count()
 
     def spare(self, session_id: str | None = None) -> int:
-        """Healthy instances idle now that no waiting window will take; for a session, only those
-        warm for it (when any instance is), unless no other request uses the pool."""
+        """Healthy instances idle now that no waiting window will take. For a session's speculation,
+        while other requests use the pool: only those warm for it (when any instance is), and less
+        a headroom of ``headroom`` instances kept for the other requests' critical windows (one
+        they would otherwise have to preempt speculation for)."""
         free = self._free()
+        spare = len(free) - self._live_waiters
         if session_id is not None and free and not self._quiet(session_id):
             warm = [i for i in self.instances.values() if i.healthy and self._warm(i, session_id)]
             if warm:
                 free = [i for i in free if i in warm]
-        return max(0, len(free) - self._live_waiters)
+            spare = min(len(free) - self._live_waiters, spare - self.headroom)
+        return max(0, spare)
 
     async def start(self) -> None:
         await self.check_health()

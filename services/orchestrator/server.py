@@ -149,7 +149,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     start_metrics_server(settings.server.metrics_port, metrics.registry, settings.server.host)
     pool = TargetPool(
         [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify,
-        cold_tokens=settings.cold_prefill_tokens,
+        cold_tokens=settings.cold_prefill_tokens, headroom=settings.speculation_headroom,
     )
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s)
     drafter_channel = None

@@ -35,6 +35,7 @@ class OrchestratorSettings:
     max_queue_wait_s: float = 30.0
     full_verify: bool = False
     cold_prefill_tokens: int = 256
+    speculation_headroom: int = 1
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--cold-prefill-tokens", env=f"{env}_COLD_PREFILL_TOKENS", type=int, default=256,
              help="a window that would first compute more than this many tokens on a target instance (a long "
                   "prompt's prefill) goes there only on capacity nobody else needs; a huge value turns this off")
+    add_flag(parser, "--speculation-headroom", env=f"{env}_SPECULATION_HEADROOM", type=int, default=1,
+             help="idle target instances DSI's speculation leaves to other requests' critical windows while "
+                  "other requests run (0 = speculate on every idle instance)")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
@@ -112,6 +116,8 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         raise SystemExit(f"--sp-degree must be >= 0, got {ns.sp_degree}")
     if ns.max_active_requests < 1 or ns.max_queued_requests < 0 or ns.max_queue_wait_s < 0:
         raise SystemExit("--max-active-requests must be >= 1, --max-queued-requests and --max-queue-wait-s >= 0")
+    if ns.speculation_headroom < 0:
+        raise SystemExit(f"--speculation-headroom must be >= 0, got {ns.speculation_headroom}")
     if ns.cold_prefill_tokens < 0:
         raise SystemExit(f"--cold-prefill-tokens must be >= 0, got {ns.cold_prefill_tokens}")
     targets = _split(ns.targets)
@@ -143,4 +149,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_queue_wait_s=ns.max_queue_wait_s,
         full_verify=ns.full_verify,
         cold_prefill_tokens=ns.cold_prefill_tokens,
+        speculation_headroom=ns.speculation_headroom,
     )
