@@ -7,8 +7,12 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dsi.envflags import add_flag
+
+if TYPE_CHECKING:
+    from dsi.client import Client
 
 
 def _up(ns: argparse.Namespace) -> int:
@@ -34,6 +38,9 @@ def _up(ns: argparse.Namespace) -> int:
         log_dir=ns.log_dir,
         keep_logs=True,
         http_port=ns.http_port,
+        tls_dir=ns.tls_dir,
+        api_key_file=ns.api_key_file,
+        expose_internals=True if ns.expose_internals else None,
     )
     if ns.targets < 1:
         print("dsi up: --targets must be >= 1", file=sys.stderr)
@@ -56,6 +63,10 @@ def _up(ns: argparse.Namespace) -> int:
         print(f"orchestrator listening on {address}", flush=True)
         if cluster.http_address:
             print(f"gateway listening on http://{cluster.http_address}/v1", flush=True)
+        if spec.secured:
+            needs = ([f"--ca {ns.tls_dir}/ca.crt (or DSI_CA)"] if ns.tls_dir else []) + (
+                [f"a key of {ns.api_key_file} (DSI_API_KEY)"] if ns.api_key_file else [])
+            print(f"clients need {' and '.join(needs)}", file=sys.stderr, flush=True)
         while not stop.is_set():
             for sp in cluster.processes:
                 if sp.process.poll() is not None:
@@ -72,8 +83,34 @@ def _up(ns: argparse.Namespace) -> int:
         cluster.stop()
 
 
+def _add_connection_flags(parser: argparse.ArgumentParser, api_key: bool = True) -> None:
+    """TLS (and the API key) of a command that talks to a server."""
+    add_flag(parser, "--ca", env="DSI_CA", default="",
+             help="connect over TLS, trusting this PEM CA certificate (empty: plaintext unless --tls)")
+    add_flag(parser, "--cert", env="DSI_CERT", default="",
+             help="mutual TLS: this PEM client certificate (needs --key)")
+    add_flag(parser, "--key", env="DSI_KEY", default="", help="the PEM private key of --cert")
+    add_flag(parser, "--tls", env="DSI_TLS", action="store_true",
+             help="connect over TLS trusting the system's CAs (implied by --ca, --cert)")
+    add_flag(parser, "--tls-server-name", env="DSI_TLS_SERVER_NAME", default="",
+             help="check the server's certificate against this name instead of the address's host")
+    if api_key:
+        add_flag(parser, "--api-key", env="DSI_API_KEY", default="",
+                 help="send 'authorization: Bearer KEY' with every call (the orchestrator's --api-key-file); prefer "
+                      "the environment variable: a command line is visible to other users")
+
+
+def _client(ns: argparse.Namespace) -> Client:
+    """The SDK client of a command, from --address, --timeout-s and the connection flags."""
+    from dsi.client import Client
+
+    return Client(ns.address, timeout=ns.timeout_s, ca=ns.ca or None, cert=ns.cert or None, key=ns.key or None,
+                  api_key=ns.api_key or None, tls=ns.tls, server_name=ns.tls_server_name)
+
+
 def _generate(ns: argparse.Namespace) -> int:
-    from dsi.client import Client, DSIError
+    from dsi.client import DSIError
+    from dsi.tls import CredentialsError
 
     prompt = sys.stdin.read() if ns.prompt == "-" else ns.prompt
     kwargs = dict(
@@ -91,7 +128,7 @@ def _generate(ns: argparse.Namespace) -> int:
         truncate_at_context=ns.truncate_at_context,
     )
     try:
-        with Client(ns.address, timeout=ns.timeout_s) as client:
+        with _client(ns) as client:
             if ns.json:
                 result = client.generate(prompt, **kwargs)
                 print(json.dumps(result.to_dict()))
@@ -114,23 +151,33 @@ def _generate(ns: argparse.Namespace) -> int:
     except DSIError as exc:
         print(f"dsi generate: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
+    except CredentialsError as exc:
+        print(f"dsi generate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _health(ns: argparse.Namespace) -> int:
     from dsi.cluster import check_health
+    from dsi.tls import CredentialsError, client_tls
 
-    ok = check_health(ns.address, ns.service, ns.timeout_s)
+    try:
+        tls = client_tls(ns.ca, ns.cert, ns.key, ns.tls, ns.tls_server_name)
+    except CredentialsError as exc:
+        print(f"dsi health: {exc}", file=sys.stderr)
+        return 2
+    ok = check_health(ns.address, ns.service, ns.timeout_s, tls)
     print("SERVING" if ok else "NOT_SERVING")
     return 0 if ok else 1
 
 
 def _info(ns: argparse.Namespace) -> int:
-    from dsi.client import Client, DSIError
+    from dsi.client import DSIError
+    from dsi.tls import CredentialsError
 
     try:
-        with Client(ns.address, timeout=ns.timeout_s) as client:
+        with _client(ns) as client:
             print(json.dumps(client.info(), indent=2))
-    except DSIError as exc:
+    except (DSIError, CredentialsError) as exc:
         print(f"dsi info: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -213,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(up, "--http-port", env="DSI_UP_HTTP_PORT", type=int, default=None,
              help="also start the OpenAI-compatible HTTP gateway on this port (0 = any free; unset = no gateway)")
+    add_flag(up, "--tls-dir", env="DSI_UP_TLS_DIR", default="",
+             help="TLS on every service and mutual TLS between the orchestrator and the model services, with the "
+                  "certificates scripts/make-certs.sh made in this directory (clients then need --ca DIR/ca.crt)")
+    add_flag(up, "--api-key-file", env="DSI_UP_API_KEY_FILE", default="",
+             help="the orchestrator and the gateway require one of this file's keys (one per line; "
+                  "'authorization: Bearer KEY'); re-read when it changes")
+    add_flag(up, "--expose-internals", env="DSI_UP_EXPOSE_INTERNALS", action="store_true",
+             help="the orchestrator's Info names addresses and paths and reflection is on; the default unless "
+                  "--tls-dir or --api-key-file is given (a development cluster on loopback)")
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="generate text through an orchestrator")
@@ -252,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         gen, "--json", env="DSI_JSON", action="store_true", help="print one JSON object with text, token_ids, stats"
     )
     add_flag(gen, "--quiet", env="DSI_QUIET", action="store_true", help="do not print the stats line")
+    _add_connection_flags(gen)
     gen.add_argument("prompt", help="the prompt ('-' reads standard input)")
     gen.set_defaults(func=_generate)
 
@@ -280,11 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address", help="HOST:PORT")
     add_flag(health, "--service", env="DSI_HEALTH_SERVICE", default="", help="service name ('' = the server)")
     add_flag(health, "--timeout-s", env="DSI_HEALTH_TIMEOUT_S", type=float, default=3.0, help="deadline")
+    _add_connection_flags(health, api_key=False)  # health checks need no key
     health.set_defaults(func=_health)
 
     info = sub.add_parser("info", help="describe a running cluster (models, targets, limits)")
     add_flag(info, "--address", env="DSI_ADDRESS", default="127.0.0.1:50051", help="orchestrator HOST:PORT")
     add_flag(info, "--timeout-s", env="DSI_TIMEOUT_S", type=float, default=10.0, help="deadline")
+    _add_connection_flags(info)
     info.set_defaults(func=_info)
 
     from dsi.bench.cli import register as register_bench

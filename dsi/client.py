@@ -8,6 +8,13 @@
             print(delta.text, end="", flush=True)
 
 Errors raise ``DSIError`` carrying the gRPC status code and the server's message.
+
+A secured orchestrator (see docs/security.md): ``ca`` (the CA that signed its certificate; TLS), ``cert``
+and ``key`` (this client's certificate, when the server requires one), each a file path or PEM bytes,
+and ``api_key`` (sent as ``authorization: Bearer KEY`` with every call)::
+
+    Client("dsi.example.com:50051", ca="certs/ca.crt", cert="certs/client.crt", key="certs/client.key",
+           api_key=os.environ["DSI_API_KEY"])
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsi.tls import PemSource, bearer_metadata, client_tls, sync_channel
+from dsi.tls import aio_channel as _aio_channel
 from dsi.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 MODES = {"dsi": orchestrator_pb2.MODE_DSI, "si": orchestrator_pb2.MODE_SI, "nonsi": orchestrator_pb2.MODE_NONSI}
@@ -149,18 +159,41 @@ class _Collector:
             self.result.finish_reason = d.finish_reason or ""
 
 
-class Client:
-    """Blocking client. ``timeout`` (seconds) applies to each call."""
+def _health_status(resp: health_pb2.HealthCheckResponse) -> bool:
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+
+class Client:
+    """Blocking client. ``timeout`` (seconds) applies to each call.
+
+    TLS: ``ca`` (CA certificate that signed the server's), ``cert`` + ``key`` (this client's certificate
+    for mutual TLS), each a path or PEM bytes; ``tls=True`` alone trusts the system's CAs;
+    ``server_name`` checks the server's certificate against that name instead of the address's host.
+    ``api_key`` is sent as ``authorization: Bearer KEY`` with every call (health checks need none).
+    A bad setting (an unreadable file, a certificate without its key) raises ``dsi.tls.CredentialsError``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        ca: PemSource | None = None,
+        cert: PemSource | None = None,
+        key: PemSource | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        server_name: str = "",
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._metadata = bearer_metadata(api_key)
+        self._channel = sync_channel(address, client_tls(ca, cert, key, tls, server_name))
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Delta]:
         """Yield committed tokens (with their text) as soon as the orchestrator commits them."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout, metadata=self._metadata)
         try:
             for msg in call:
                 yield _delta(msg)
@@ -178,10 +211,21 @@ class Client:
 
     def info(self) -> dict[str, Any]:
         try:
-            resp = self._stub.Info(orchestrator_pb2.OrchestratorInfoRequest(), timeout=self.timeout)
+            resp = self._stub.Info(orchestrator_pb2.OrchestratorInfoRequest(), timeout=self.timeout,
+                                   metadata=self._metadata)
         except grpc.RpcError as exc:
             raise DSIError.from_rpc(exc) from None
         return MessageToDict(resp, preserving_proto_field_name=True)
+
+    def health(self, service: str = "", timeout: float = 5.0) -> bool:
+        """True when the server reports SERVING for service ('' = the whole server); False when it
+        reports anything else or cannot be reached."""
+        try:
+            resp = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return _health_status(resp)
 
     def close(self) -> None:
         self._channel.close()
@@ -194,16 +238,28 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client; create it inside the running event loop."""
+    """asyncio client; create it inside the running event loop. The settings are ``Client``'s."""
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        ca: PemSource | None = None,
+        cert: PemSource | None = None,
+        key: PemSource | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        server_name: str = "",
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._metadata = bearer_metadata(api_key)
+        self._channel = _aio_channel(address, client_tls(ca, cert, key, tls, server_name))
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     async def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[Delta]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 yield _delta(msg)
@@ -220,10 +276,20 @@ class AsyncClient:
 
     async def info(self) -> dict[str, Any]:
         try:
-            resp = await self._stub.Info(orchestrator_pb2.OrchestratorInfoRequest(), timeout=self.timeout)
+            resp = await self._stub.Info(orchestrator_pb2.OrchestratorInfoRequest(), timeout=self.timeout,
+                                         metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise DSIError.from_rpc(exc) from None
         return MessageToDict(resp, preserving_proto_field_name=True)
+
+    async def health(self, service: str = "", timeout: float = 5.0) -> bool:
+        """As ``Client.health``."""
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return _health_status(resp)
 
     async def close(self) -> None:
         await self._channel.close()

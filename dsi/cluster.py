@@ -1,7 +1,8 @@
 """A local cluster as separate processes: N targets, one drafter, the orchestrator (``dsi up``), and
 the one way services are started as processes (here, by the tests and by the benchmarks): with
 ``--port 0``, the bound port read back from the 'listening on' line the service prints, so no port
-is picked, released and raced for."""
+is picked, released and raced for. With a certificate directory (scripts/make-certs.sh) every
+process gets its TLS flags, and with a key file the public APIs require a key."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsi.tls import ClientTLS, sync_channel
+
 log = logging.getLogger(__name__)
 
 
@@ -27,9 +30,10 @@ class ClusterError(RuntimeError):
     """A process of the cluster failed to start; the message includes the end of its log."""
 
 
-def check_health(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
-    """True when the server at address reports SERVING for service ('' = the whole server)."""
-    with grpc.insecure_channel(address) as channel:
+def check_health(address: str, service: str = "", timeout_s: float = 2.0, tls: ClientTLS | None = None) -> bool:
+    """True when the server at address reports SERVING for service ('' = the whole server); over TLS
+    with ``tls``."""
+    with sync_channel(address, tls) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -160,6 +164,44 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         proc.wait()
 
 
+# The files of a certificate directory (scripts/make-certs.sh) that each process uses.
+CERT_FILES = (
+    "ca.crt", "orchestrator.crt", "orchestrator.key", "client.crt", "client.key", "internal-ca.crt",
+    "target.crt", "target.key", "drafter.crt", "drafter.key", "orchestrator-client.crt", "orchestrator-client.key",
+)
+
+
+@dataclass(frozen=True)
+class ClusterTLS:
+    """A certificate directory made by scripts/make-certs.sh, as each process's flags: TLS on every
+    service, mutual TLS (the internal CA) between the orchestrator and the model services, and the
+    public CA for the orchestrator's clients (the gateway)."""
+
+    dir: Path
+
+    def __post_init__(self) -> None:
+        missing = [name for name in CERT_FILES if not (self.dir / name).is_file()]
+        if missing:
+            raise ClusterError(f"{self.dir} lacks {', '.join(missing)}: make it with scripts/make-certs.sh {self.dir}")
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def model_service(self, role: str) -> list[str]:
+        return ["--tls-cert", self.path(f"{role}.crt"), "--tls-key", self.path(f"{role}.key"),
+                "--tls-client-ca", self.path("internal-ca.crt")]
+
+    def orchestrator(self) -> list[str]:
+        return ["--tls-cert", self.path("orchestrator.crt"), "--tls-key", self.path("orchestrator.key"),
+                "--upstream-tls-ca", self.path("internal-ca.crt"),
+                "--upstream-tls-cert", self.path("orchestrator-client.crt"),
+                "--upstream-tls-key", self.path("orchestrator-client.key")]
+
+    def gateway(self) -> list[str]:
+        return ["--orchestrator-ca", self.path("ca.crt"), "--orchestrator-cert", self.path("client.crt"),
+                "--orchestrator-key", self.path("client.key")]
+
+
 @dataclass
 class ClusterSpec:
     target_model: str = ""  # "" = the built-in default pair
@@ -179,6 +221,20 @@ class ClusterSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
     http_port: int | None = None  # the OpenAI-compatible gateway's port (0 = any free); None = no gateway
+    tls_dir: str = ""  # certificates from scripts/make-certs.sh: TLS everywhere, mutual TLS inside
+    api_key_file: str = ""  # keys the orchestrator (and the gateway) require; "" = none
+    # Info's addresses and paths, the targets' error messages and reflection for clients. None: exposed
+    # (a development cluster on loopback, as the benchmarks read it) unless tls_dir or api_key_file
+    # ask for a secured cluster.
+    expose_internals: bool | None = None
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.tls_dir or self.api_key_file)
+
+    @property
+    def exposes_internals(self) -> bool:
+        return not self.secured if self.expose_internals is None else self.expose_internals
 
 
 class LocalCluster:
@@ -205,6 +261,8 @@ class LocalCluster:
     def start(self) -> str:
         spec = self.spec
         try:
+            tls = ClusterTLS(Path(spec.tls_dir)) if spec.tls_dir else None
+            keys = ["--api-key-file", spec.api_key_file] if spec.api_key_file else []
             if not spec.target_model or (not spec.drafter_model and spec.oracle_acceptance <= 0):
                 from dsi.default_pair import ensure_default_pair
 
@@ -218,11 +276,11 @@ class LocalCluster:
             common = ["--threads", str(spec.threads), "--device", spec.device, "--dtype", spec.dtype]
             targets = []
             for i in range(spec.targets):
-                args = ["--model", target_model, *common]
+                args = ["--model", target_model, *common, *(tls.model_service("target") if tls else [])]
                 if spec.emulate_target_ms:
                     args += ["--emulate-latency-ms", spec.emulate_target_ms]
                 targets.append(self._spawn(f"target-{i}", "target", args))
-            args = ["--model", drafter_model, *common]
+            args = ["--model", drafter_model, *common, *(tls.model_service("drafter") if tls else [])]
             if spec.emulate_drafter_ms:
                 args += ["--emulate-latency-ms", spec.emulate_drafter_ms]
             if spec.oracle_acceptance > 0:
@@ -235,13 +293,21 @@ class LocalCluster:
                 "orchestrator",
                 "orchestrator",
                 ["--targets", ",".join(t.address for t in targets), "--drafter", drafter.address,
-                 "--lookahead", str(spec.lookahead), "--startup-timeout-s", str(int(spec.startup_timeout_s))],
+                 "--lookahead", str(spec.lookahead), "--startup-timeout-s", str(int(spec.startup_timeout_s)),
+                 *(tls.orchestrator() if tls else []), *keys,
+                 *(["--expose-internals"] if spec.exposes_internals else [])],
                 spec.port,
             )
             orch.wait_listening(deadline)
             self.address = orch.address
             if spec.http_port is not None:
-                gateway = self._spawn("gateway", "gateway", ["--orchestrator", orch.address], spec.http_port)
+                # The tokenizer by name: the orchestrator may not tell its checkpoint's path.
+                gateway_args = ["--orchestrator", orch.address, "--tokenizer", target_model, *keys]
+                if tls:
+                    gateway_args += tls.gateway()
+                if spec.api_key_file:
+                    gateway_args += ["--orchestrator-api-key-file", spec.api_key_file]
+                gateway = self._spawn("gateway", "gateway", gateway_args, spec.http_port)
                 self.http_address = gateway.wait_listening(deadline)
             return self.address
         except BaseException:

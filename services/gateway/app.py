@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from services.gateway.errors import (
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+from services.runtime.auth import ApiKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,6 +127,8 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics
         self.admission = Admission(settings.max_concurrent_requests, metrics)
+        # --api-key and --api-key-file (re-read when it changes); None = /v1/* needs no key.
+        self.keys = ApiKeys.optional([settings.api_key], settings.api_key_file or None)
         self._backend: OrchestratorBackend | None = None
 
     @property
@@ -137,11 +139,9 @@ class Gateway:
     # -- request plumbing ------------------------------------------------------------------------
 
     def authorize(self, request: Request) -> None:
-        key = self.settings.api_key
-        if not key:
+        if self.keys is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if not self.keys.accepts_header(request.headers.get("authorization")):
             raise APIError(401, "a valid API key is required: 'Authorization: Bearer KEY'", "authentication_error",
                            code="invalid_api_key")
 

@@ -10,21 +10,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsi.client import AsyncClient, DSIError
 from services.gateway.chat import ChatTemplate, load_tokenizer
 from services.gateway.errors import unavailable
 from services.gateway.settings import GatewaySettings
+from services.runtime.disclosure import BUILTIN_NAME, builtin_checkpoint, public_model_name
 
 log = logging.getLogger(__name__)
 
-BUILTIN_NAME = "dsi-default"
 T = TypeVar("T")
+__all__ = ["BUILTIN_NAME", "OrchestratorBackend", "ServedModel", "served_name"]
 
 
 @dataclass(frozen=True)
@@ -36,15 +33,15 @@ class ServedModel:
 
 
 def served_name(checkpoint: str) -> str:
-    """The public name of a checkpoint: never its full path (internal details stay internal)."""
-    from dsi.default_pair import PRETRAINED
+    """The public name of a checkpoint: never its full path (internal details stay internal). The
+    orchestrator reports models by this name already unless it exposes internals."""
+    return public_model_name(checkpoint)
 
-    path = Path(checkpoint)
-    if path.is_absolute() and path.resolve() == (PRETRAINED / "target").resolve():
-        return BUILTIN_NAME
-    if path.is_absolute() or checkpoint.startswith("."):
-        return path.name or checkpoint
-    return checkpoint  # a hub id
+
+def tokenizer_source(settings: GatewaySettings, checkpoint: str) -> str:
+    """Where the chat template's tokenizer comes from: --tokenizer, else the checkpoint the orchestrator
+    reports (a path with --expose-internals or a hub id; 'dsi-default' is the built-in pair shipped here)."""
+    return settings.tokenizer or builtin_checkpoint(checkpoint) or checkpoint
 
 
 def in_daemon_thread(fn: Callable[[str], T], arg: str) -> asyncio.Future[T]:
@@ -78,9 +75,9 @@ class OrchestratorBackend:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.client = AsyncClient(settings.orchestrator, timeout=settings.request_timeout_s)
-        self._health_channel = grpc.aio.insecure_channel(settings.orchestrator)
-        self._health = health_pb2_grpc.HealthStub(self._health_channel)
+        self.client = AsyncClient(settings.orchestrator, timeout=settings.request_timeout_s,
+                                  ca=settings.orchestrator_ca, cert=settings.orchestrator_cert,
+                                  key=settings.orchestrator_key, api_key=settings.orchestrator_api_key)
         self.model: ServedModel | None = None
         self._chat: asyncio.Future[ChatTemplate] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,7 +99,7 @@ class OrchestratorBackend:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         checkpoint = str(info.get("target_model", {}).get("model", ""))
-        self._chat = asyncio.ensure_future(self._load_chat_template(self.settings.tokenizer or checkpoint))
+        self._chat = asyncio.ensure_future(self._load_chat_template(tokenizer_source(self.settings, checkpoint)))
         self.model = ServedModel(
             name=self.settings.served_model_name or served_name(checkpoint),
             max_new_tokens=int(info.get("max_new_tokens_limit", 0)),
@@ -135,11 +132,7 @@ class OrchestratorBackend:
         """Ready: the orchestrator reports SERVING and the gateway knows what it serves."""
         if self.model is None:
             return False
-        try:
-            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        return await self.client.health(timeout=2.0)
 
     async def close(self) -> None:
         for task in (self._task, self._chat):
@@ -147,4 +140,3 @@ class OrchestratorBackend:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.client.close()
-        await self._health_channel.close()

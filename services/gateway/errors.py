@@ -22,8 +22,10 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    # The orchestrator refusing the gateway's own key (--orchestrator-api-key-file) is the gateway's
+    # misconfiguration, not the client's: a server error, logged.
+    grpc.StatusCode.UNAUTHENTICATED: (500, "server_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (500, "server_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),

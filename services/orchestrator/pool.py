@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dsi.v1 import common_pb2, target_pb2, target_pb2_grpc
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.scheduler import WindowRequest, WindowResult
+from services.runtime import tls
 from services.runtime.errors import Unavailable
 from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 from services.runtime.serving import MAX_MESSAGE_BYTES
@@ -141,7 +142,9 @@ class TargetPool:
         incremental: bool = True,
         cold_tokens: int = COLD_TOKENS,
         headroom: int = 1,
+        upstream_tls: tls.ClientTLS | None = None,
     ) -> None:
+        self.upstream_tls = upstream_tls  # channels to the targets: None = plaintext, else (mutual) TLS
         self.deadline_s = deadline_s
         # Windows send only what the instance does not hold (False: always the whole sequence).
         self.incremental = incremental
@@ -175,7 +178,7 @@ class TargetPool:
         wanted = list(dict.fromkeys(addresses))
         for address in wanted:
             if address not in self.instances:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = tls.channel(address, self.upstream_tls, CHANNEL_OPTIONS)
                 self.instances[address] = TargetInstance(
                     address, channel, target_pb2_grpc.TargetServiceStub(channel), health_pb2_grpc.HealthStub(channel)
                 )

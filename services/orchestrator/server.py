@@ -1,5 +1,6 @@
 """Entry point of the orchestrator (``dsi serve orchestrator``): discover and health-check the
-targets, check that targets and drafter share a vocabulary, load the tokenizer, serve Generate."""
+targets, check that targets and drafter share a vocabulary, load the tokenizer, serve Generate (over
+TLS and with API keys where configured)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import grpc
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2
 from services.orchestrator import settings as settings_mod
 from services.orchestrator.admission import Admission
-from services.orchestrator.discovery import TargetDiscovery
+from services.orchestrator.discovery import Resolver, TargetDiscovery, system_resolver
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
 from services.orchestrator.service import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
+from services.runtime import tls
+from services.runtime.auth import ApiKeyError, ApiKeyInterceptor, ApiKeys
 from services.runtime.serving import GrpcServer, run_service, start_metrics_server
 from services.runtime.validation import GenerateLimits
 
@@ -137,9 +140,42 @@ def _health_follows_targets(server: GrpcServer) -> Callable[[int], None]:
     return changed
 
 
+def naming_resolver(upstream: tls.ClientTLS | None, resolve: Resolver = system_resolver) -> Resolver:
+    """The resolver of ``dns:///NAME:PORT`` targets; with TLS it records NAME for every address it
+    returns, so that the target dialled at that IP address is checked against NAME (the name its
+    certificate carries, e.g. the headless Service's or the compose alias)."""
+    if upstream is None:
+        return resolve
+
+    async def resolver(host: str, port: int) -> list[str]:
+        found = await resolve(host, port)
+        for address in found:
+            upstream.names_by_address[address] = host
+        return found
+
+    return resolver
+
+
+def _warn_if_open(settings: OrchestratorSettings, keys: ApiKeys | None) -> None:
+    host = settings.server.host
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return
+    has = (("TLS", settings.server.tls is not None), ("API key", keys is not None))
+    missing = [what for what, ok in has if not ok]
+    if missing:
+        log.warning("the public API on %s has no %s: anyone who reaches the port can use it (see docs/security.md)",
+                    host, " and no ".join(missing))
+
+
 async def serve(settings: OrchestratorSettings) -> None:
-    server = GrpcServer(settings.server, [SERVICE_NAME], "orchestrator")
-    servicer = OrchestratorServicer()
+    try:
+        keys = ApiKeys.optional(path=settings.api_key_file or None)
+    except ApiKeyError as exc:
+        raise StartupError(str(exc)) from None
+    _warn_if_open(settings, keys)
+    interceptors = [ApiKeyInterceptor(keys)] if keys is not None else []
+    server = GrpcServer(settings.server, [SERVICE_NAME], "orchestrator", interceptors)
+    servicer = OrchestratorServicer(settings.expose_internals)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server.server)
     try:
         await server.start()
@@ -150,8 +186,10 @@ async def serve(settings: OrchestratorSettings) -> None:
     pool = TargetPool(
         [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify,
         cold_tokens=settings.cold_prefill_tokens, headroom=settings.speculation_headroom,
+        upstream_tls=settings.upstream_tls,
     )
-    discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s)
+    discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s,
+                                naming_resolver(settings.upstream_tls))
     drafter_channel = None
     try:
         await discovery.refresh()
@@ -162,7 +200,7 @@ async def serve(settings: OrchestratorSettings) -> None:
         target_model = await _target_info(pool)
         drafter_stub, drafter_model = None, None
         if settings.drafter:
-            drafter_channel = grpc.aio.insecure_channel(settings.drafter, options=CHANNEL_OPTIONS)
+            drafter_channel = tls.channel(settings.drafter, settings.upstream_tls, CHANNEL_OPTIONS)
             drafter_stub = drafter_pb2_grpc.DrafterServiceStub(drafter_channel)
             info = await _drafter_info(drafter_stub, settings.drafter, settings.startup_timeout_s)
             drafter_model = info.model

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from dsi.envflags import add_flag
 from services.runtime.serving import ServerOptions
+from services.runtime.tls import (
+    ClientTLS,
+    add_server_tls_arguments,
+    add_upstream_tls_arguments,
+    server_tls_from_args,
+    upstream_tls_from_args,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class OrchestratorSettings:
     max_queued_requests: int = 256
     max_queue_wait_s: float = 30.0
     full_verify: bool = False
+    upstream_tls: ClientTLS | None = None  # to the targets and the drafter; None = plaintext
+    api_key_file: str = ""  # "" = the public API needs no key
+    expose_internals: bool = False  # Info names addresses and paths, errors name endpoints, reflection on
     cold_prefill_tokens: int = 256
     speculation_headroom: int = 1
 
@@ -108,6 +118,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--speculation-headroom", env=f"{env}_SPECULATION_HEADROOM", type=int, default=1,
              help="idle target instances DSI's speculation leaves to other requests' critical windows while "
                   "other requests run (0 = speculate on every idle instance)")
+    add_server_tls_arguments(parser, env, "clients (SDK, CLI, gateway)")
+    add_upstream_tls_arguments(parser, env)
+    add_flag(parser, "--api-key-file", env=f"{env}_API_KEY_FILE", default="",
+             help="require 'authorization: Bearer KEY' metadata on every call but health checks, KEY one of this "
+                  "file's lines (blank lines and # comments skipped; re-read when it changes, so keys rotate "
+                  "without a restart); empty: no key needed")
+    add_flag(parser, "--expose-internals", env=f"{env}_EXPOSE_INTERNALS", action="store_true",
+             help="let clients see internal details: target and drafter addresses and checkpoint paths in Info and "
+                  "the token stream, the targets' own error messages, and gRPC reflection (off: labels, public "
+                  "model names, generic errors, no reflection)")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
@@ -125,7 +145,8 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         raise SystemExit("--targets is required (or DSI_ORCHESTRATOR_TARGETS): at least one target host:port")
     return OrchestratorSettings(
         server=ServerOptions(host=ns.host, port=ns.port, max_concurrent_rpcs=ns.max_concurrent_rpcs,
-                             metrics_port=ns.metrics_port),
+                             metrics_port=ns.metrics_port, tls=server_tls_from_args(ns),
+                             reflection=ns.expose_internals),
         targets=targets,
         drafter=ns.drafter,
         tokenizer=ns.tokenizer,
@@ -148,6 +169,9 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_queued_requests=ns.max_queued_requests,
         max_queue_wait_s=ns.max_queue_wait_s,
         full_verify=ns.full_verify,
+        upstream_tls=upstream_tls_from_args(ns),
+        api_key_file=ns.api_key_file,
+        expose_internals=ns.expose_internals,
         cold_prefill_tokens=ns.cold_prefill_tokens,
         speculation_headroom=ns.speculation_headroom,
     )

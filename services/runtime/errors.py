@@ -1,7 +1,9 @@
 """The one place where domain errors become gRPC status codes.
 
 Servicers raise (or let through) these exceptions; ``grpc_errors`` turns them into ``context.abort``
-with the right code, so bad input is never reported as UNKNOWN or INTERNAL.
+with the right code, so bad input is never reported as UNKNOWN or INTERNAL. A public servicer can
+rewrite what its callers are told (``client_message``): the full message goes to the log, the caller
+gets one that names no internal endpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from services.model.errors import ModelError, PrefixNotHeld
+from services.runtime.log_fields import escaped
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +79,37 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def _request_id(request: Any) -> str:
-    return str(getattr(request, "request_id", "") or "-")
+    # Escaped: a servicer may fail before it validates the request (a caller's id with a newline
+    # would otherwise forge a log line).
+    return escaped(getattr(request, "request_id", "") or "-")
+
+
+class ClientMessages:
+    """What a servicer tells its callers about a failure, given the exception, its status code and the
+    full message (which has been logged). The default tells them the full message."""
+
+    def client_message(self, exc: Exception, code: grpc.StatusCode, message: str) -> str:
+        return message
 
 
 def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for servicer methods (unary or server-streaming) that maps exceptions to statuses."""
     name = handler.__qualname__
 
-    async def _abort(context: grpc.aio.ServicerContext, request: Any, exc: Exception) -> None:
+    async def _abort(servicer: Any, context: grpc.aio.ServicerContext, request: Any, exc: Exception) -> None:
         mapped = _status_for(exc)
         if mapped is None:
             log.exception("request %s: unexpected error in %s", _request_id(request), name)
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         elif mapped[0] not in (grpc.StatusCode.INVALID_ARGUMENT,):
-            log.warning("request %s: %s failed: %s", _request_id(request), name, mapped[1])
+            log.warning("request %s: %s failed: %s", _request_id(request), name, escaped(mapped[1], 4000))
+        code, message = mapped
+        if isinstance(servicer, ClientMessages):
+            message = servicer.client_message(exc, code, message)
         retry_after_s = getattr(exc, "retry_after_s", None)
         if retry_after_s is not None:  # overload: when to try again, machine-readable
             context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(retry_after_s * 1000))),))
-        await context.abort(mapped[0], mapped[1])
+        await context.abort(code, message)
 
     if inspect.isasyncgenfunction(handler):
 
@@ -105,7 +121,7 @@ def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:  # noqa: BLE001 - mapped to a status below
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                await _abort(context, request, exc)
+                await _abort(self, context, request, exc)
 
         return stream
 
@@ -116,6 +132,6 @@ def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            await _abort(context, request, exc)
+            await _abort(self, context, request, exc)
 
     return unary

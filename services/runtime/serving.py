@@ -1,5 +1,6 @@
-"""Running a grpc.aio server: health (NOT_SERVING until warmed up), reflection, limits, metrics
-endpoint, and graceful shutdown on SIGTERM/SIGINT (health NOT_SERVING -> server.stop(grace))."""
+"""Running a grpc.aio server: TLS (mutual where configured), health (NOT_SERVING until warmed up),
+reflection (optional), limits, metrics endpoint, and graceful shutdown on SIGTERM/SIGINT (health
+NOT_SERVING -> server.stop(grace))."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.errors import InvalidArgument
+from services.runtime.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class ServerOptions:
     max_concurrent_rpcs: int = 256
     grace_s: float = 5.0
     metrics_port: int = 0
+    tls: ServerTLS | None = None  # None = plaintext
+    reflection: bool = True  # grpc.reflection.v1alpha: the services' schemas for grpcurl and the like
 
 
 def install_uvloop() -> None:
@@ -49,7 +53,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 class GrpcServer:
-    """A grpc.aio server with health and reflection for the given service names."""
+    """A grpc.aio server with health (and reflection, unless ``options.reflection`` is off) for the
+    given service names, on a TLS port when ``options.tls`` is set."""
 
     def __init__(
         self,
@@ -72,14 +77,18 @@ class GrpcServer:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        if options.reflection:
+            names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, self.server)
         self._service_names = list(service_names)
         self.port = 0
         self._stop = asyncio.Event()
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        tls = self.options.tls
+        self.port = (self.server.add_secure_port(address, tls.credentials()) if tls is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.options.host}:{self.options.port}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -106,7 +115,9 @@ class GrpcServer:
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
         # One line on stdout that launchers (dsi up, tests) wait for; logs go to stderr.
         print(f"dsi-{self.role} listening on {self.options.host}:{self.port}", flush=True)
-        log.info("%s serving on %s:%d", self.role, self.options.host, self.port)
+        tls = self.options.tls
+        log.info("%s serving on %s:%d (%s)", self.role, self.options.host, self.port,
+                 "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
 
     def request_stop(self) -> None:
         self._stop.set()

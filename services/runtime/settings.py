@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from dsi.envflags import add_flag
 from services.model.emulation import Emulation
 from services.runtime.serving import ServerOptions
+from services.runtime.tls import add_server_tls_arguments, server_tls_from_args
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def add_model_server_arguments(parser: argparse.ArgumentParser, role: str) -> No
              help="same as the DECODE part of --emulate-latency-ms")
     add_flag(parser, "--metrics-port", env=f"{env}_METRICS_PORT", type=int, default=0,
              help="serve Prometheus metrics on this port (0 = off)")
+    add_server_tls_arguments(parser, env, "the orchestrator")
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
     if role == "drafter":
         add_flag(parser, "--max-drafts", env=f"{env}_MAX_DRAFTS", type=int, default=1024,
@@ -88,7 +90,7 @@ def model_server_settings(ns: argparse.Namespace, role: str) -> ModelServerSetti
         role=role,
         model=ns.model,
         server=ServerOptions(host=ns.host, port=ns.port, max_concurrent_rpcs=ns.max_concurrent_rpcs,
-                             metrics_port=ns.metrics_port),
+                             metrics_port=ns.metrics_port, tls=server_tls_from_args(ns)),
         device=ns.device,
         dtype=ns.dtype,
         threads=ns.threads,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -69,6 +70,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         # something in its middle on a fast machine too.
         "DSI_TARGET_EMULATE_LATENCY_MS": "20:20",
         "DSI_ORCHESTRATOR_DEADLINE_S": str(ORCHESTRATOR_DEADLINE_S),
+        # The tests read the targets' addresses and the checkpoints' paths from Info and the tokens.
+        "DSI_EXPOSE_INTERNALS": "1",
     }
     with mock.patch.dict(os.environ, env):
         compose = DockerCompose(ROOT, compose_file_name=COMPOSE_FILES, build=True, wait=True)
@@ -200,15 +203,24 @@ def busy_target(cluster: ComposeCluster) -> str:
 # --- the cluster as deployed ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("files", [COMPOSE_FILES[:1], COMPOSE_FILES], ids=["gpu", "cpu"])
-def test_compose_itself_accepts_the_files(files: list[str]) -> None:
-    """Compose's own validation (no engine needed): schema, !reset, interpolation."""
+SECURE = "docker-compose.secure.yml"
+
+
+@pytest.mark.parametrize("files", [COMPOSE_FILES[:1], COMPOSE_FILES, [*COMPOSE_FILES[:1], SECURE],
+                                   [*COMPOSE_FILES, SECURE]], ids=["gpu", "cpu", "gpu-secure", "cpu-secure"])
+def test_compose_itself_accepts_the_files(files: list[str], tmp_path: Path) -> None:
+    """Compose's own validation (no engine needed): schema, !reset, interpolation, secrets."""
     reason = compose_cli_unavailable()
     if reason:
         pytest.skip(reason)
+    from dsi.cluster import CERT_FILES
+
+    for name in (*CERT_FILES, "api-keys"):  # what scripts/make-certs.sh writes (contents do not matter here)
+        (tmp_path / name).write_text("x\n")
     args = [a for f in files for a in ("-f", f)]
     done = subprocess.run(["docker", "compose", *args, "config", "--quiet"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env={**os.environ, "DSI_TLS_DIR": str(tmp_path),
+                                                      "DSI_API_KEY_FILE": str(tmp_path / "api-keys")})
     assert done.returncode == 0, done.stderr
 
 

@@ -44,9 +44,9 @@ def services(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
         drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], logs)
         started.append(drafter)
         orchestrators = {}
-        for n in (1, 2, 3):
+        for n in (1, 2, 3):  # exposing internals: tokens name the target (address) that verified them
             orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets[:n]),
-                                                  "--drafter", drafter.address], logs)
+                                                  "--drafter", drafter.address, "--expose-internals"], logs)
             started.append(orch)
             orchestrators[n] = orch.address
         busy = start_service("orchestrator", ["--targets", targets[0].address, "--drafter", drafter.address,
@@ -239,12 +239,15 @@ def test_faults_target_dies_and_drafter_dies(tiny_pair, log_dir: Path) -> None:
             out = client.generate(PROMPTS[0], max_new_tokens=30, mode="dsi", ignore_eos=True)
             assert out.token_ids == expected
             assert out.stats["drafter_failed"] is True
-            # No target left: UNAVAILABLE naming the endpoints.
+            # No target left: UNAVAILABLE. The client is told how many targets are healthy, not where
+            # they are; the orchestrator's log names the endpoints tried.
             targets[1].kill()
             with pytest.raises(DSIError) as err:
                 client.generate(PROMPTS[0], max_new_tokens=5, mode="nonsi")
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
-            assert targets[1].address in err.value.details
+            assert err.value.details.startswith("no target instance reachable (0 of 2 healthy)"), err.value.details
+            assert "127.0.0.1" not in err.value.details
+            assert targets[1].address in orch.log.read_text(errors="replace")
     finally:
         for s in reversed(started):
             s.stop()

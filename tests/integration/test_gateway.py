@@ -74,10 +74,12 @@ def cluster(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
         orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
                                               "--drafter", drafter.address], logs)
         started.append(orch)
-        gw, url = start_gateway(orch.address, logs, "--chat-template", str(template))
+        # --tokenizer: the orchestrator names its model without the checkpoint's path.
+        gw, url = start_gateway(orch.address, logs, "--chat-template", str(template), "--tokenizer", str(target_dir))
         started.append(gw)
         keyed, keyed_url = start_gateway(orch.address, logs, "--api-key", "sesame", "--served-model-name", "tiny",
-                                         "--max-concurrent-requests", "1", "--max-request-bytes", "2000")
+                                         "--max-concurrent-requests", "1", "--max-request-bytes", "2000",
+                                         "--tokenizer", str(target_dir))
         started.append(keyed)
         yield {"orchestrator": orch.address, "url": url, "keyed_url": keyed_url, "model": target_dir.name,
                "tokenizer": AutoTokenizer.from_pretrained(str(target_dir))}

@@ -3,7 +3,10 @@ accepted by the CLI's own parser with the environment it will run with (image EN
 health checks probe the port each service binds, only the orchestrator and the HTTP gateway are
 published, every GPU
 service reserves its own device, the CPU override removes them, and the Dockerfile is a slim,
-multi-stage, non-root image whose HEALTHCHECK uses ``dsi health``."""
+multi-stage, non-root image whose HEALTHCHECK uses ``dsi health``. The secure variants (compose
+override, Kubernetes overlay) give each service only its own certificate files, wire TLS so that each
+side trusts the CA that signed the other's certificate, probe over TLS, and the NetworkPolicies let
+only the orchestrator reach the model services."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import fnmatch
 import os
 import re
 import shlex
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,15 +24,79 @@ from unittest import mock
 import pytest
 import yaml
 
+from dsi.cluster import CERT_FILES
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_SECURE = ROOT / "docker-compose.secure.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "deploy" / "kubernetes"
+K8S_SECURE = K8S / "secure"
 MODEL_ROLES = ("target", "drafter")
 Services = dict[str, dict[str, Any]]
+
+# --- secrets: the files scripts/make-certs.sh writes, and which CA signed which certificate ---------
+
+SECRET_FILES = (*CERT_FILES, "api-keys")
+SIGNED_BY = {"ca.crt": {"orchestrator.crt", "client.crt"},
+             "internal-ca.crt": {"target.crt", "drafter.crt", "orchestrator-client.crt"}}
+# Where a container sees its secrets: compose secrets, the Kubernetes overlay's Secret volumes.
+SECRET_DIRS = ("/run/secrets/", "/etc/dsi/")
+_FAKE_SECRETS = tempfile.TemporaryDirectory(prefix="dsi-fake-secrets-")
+FAKE_SECRETS = Path(_FAKE_SECRETS.name)
+for _name in SECRET_FILES:  # what the settings read at start-up: a PEM-looking file, a key file
+    (FAKE_SECRETS / _name).write_text("key\n" if _name == "api-keys" else "-----BEGIN FAKE-----\n")
+
+
+def secret_name(path: str) -> str | None:
+    """The make-certs.sh file a container path stands for, or None when it is no secret's path."""
+    if not path.startswith(SECRET_DIRS):
+        return None
+    name = path.rsplit("/", 1)[1]
+    assert name in SECRET_FILES, f"{path}: not a file scripts/make-certs.sh writes"
+    assert not name.endswith("ca.key"), f"{path}: a CA's key must never be mounted"
+    return name
+
+
+def localize(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment with secrets' container paths replaced by stand-in files, so that the settings
+    (which read certificates at start-up) can be built here."""
+    out = {}
+    for key, value in env.items():
+        name = secret_name(value)
+        out[key] = str(FAKE_SECRETS / name) if name else value
+    return out
+
+
+def signs(ca_path: str, cert_path: str) -> bool:
+    ca, cert = secret_name(ca_path), secret_name(cert_path)
+    return ca is not None and cert in SIGNED_BY.get(ca, set())
+
+
+def check_tls_wiring(envs: Mapping[str, Mapping[str, str]], where: str) -> None:
+    """Every TLS peer trusts the CA that signed the other side's certificate (``envs``: role -> env)."""
+    orch, gateway = envs["orchestrator"], envs["gateway"]
+    for role in MODEL_ROLES:
+        env, prefix = envs[role], f"DSI_{role.upper()}_"
+        assert secret_name(env[prefix + "TLS_CERT"]) == f"{role}.crt", f"{where} {role}"
+        assert secret_name(env[prefix + "TLS_KEY"]) == f"{role}.key", f"{where} {role}"
+        # Mutual TLS: the model service accepts the orchestrator's client certificate, and no other CA's.
+        assert signs(env[prefix + "TLS_CLIENT_CA"], orch["DSI_ORCHESTRATOR_UPSTREAM_TLS_CERT"]), f"{where} {role}"
+        assert not signs(env[prefix + "TLS_CLIENT_CA"], "/run/secrets/client.crt"), f"{where}: clients reach {role}"
+        assert signs(orch["DSI_ORCHESTRATOR_UPSTREAM_TLS_CA"], env[prefix + "TLS_CERT"]), f"{where} {role}"
+        # Its health check presents its own certificate to itself.
+        assert signs(env["DSI_CA"], env[prefix + "TLS_CERT"]) and env["DSI_CERT"] == env[prefix + "TLS_CERT"]
+        assert env["DSI_KEY"] == env[prefix + "TLS_KEY"]
+    assert secret_name(orch["DSI_ORCHESTRATOR_UPSTREAM_TLS_KEY"]) == "orchestrator-client.key"
+    assert signs(gateway["DSI_GATEWAY_ORCHESTRATOR_CA"], orch["DSI_ORCHESTRATOR_TLS_CERT"]), where
+    assert signs(orch["DSI_CA"], orch["DSI_ORCHESTRATOR_TLS_CERT"]), f"{where}: the orchestrator's health check"
+    assert secret_name(gateway["DSI_GATEWAY_ORCHESTRATOR_CERT"]) == "client.crt"
+    for env, var in ((orch, "DSI_ORCHESTRATOR_API_KEY_FILE"), (gateway, "DSI_GATEWAY_API_KEY_FILE"),
+                     (gateway, "DSI_GATEWAY_ORCHESTRATOR_API_KEY_FILE")):
+        assert secret_name(env[var]) == "api-keys", f"{where}: {var}"
 
 
 # --- compose loading: YAML with compose's tags, ${VAR:-default} interpolation, override merging ---
@@ -62,31 +130,68 @@ def _tag(replace: bool):  # type: ignore[no-untyped-def]
 ComposeLoader.add_constructor("!reset", _tag(replace=False))
 ComposeLoader.add_constructor("!override", _tag(replace=True))
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _closing_brace(text: str, start: int) -> int:
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise AssertionError(f"unclosed ${{ in {text!r}")
+
+
+def _expand(body: str, env: Mapping[str, str]) -> str:
+    """One ${...}: NAME, NAME:-default, NAME-default, NAME:?error, NAME:+alternative; the default may
+    itself hold ${...} (compose's nested interpolation)."""
+    m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?", body, re.S)
+    assert m, f"bad interpolation ${{{body}}}"
+    name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+    current = env.get(name)
+    if op in (":-", "-"):
+        unset = current is None or (op == ":-" and current == "")
+        return _substitute(arg, env) if unset else str(current)
+    if op in (":?", "?"):
+        if current is None or (op == ":?" and current == ""):
+            raise AssertionError(f"required variable {name} is unset: {arg}")
+        return current
+    if op in (":+", "+"):
+        return _substitute(arg, env) if current else ""
+    return current or ""
+
+
+def _substitute(text: str, env: Mapping[str, str]) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("${", i):
+            end = _closing_brace(text, i + 2)
+            out.append(_expand(text[i + 2 : end], env))
+            i = end + 1
+        elif text[i] == "$" and (m := _NAME.match(text, i + 1)):
+            out.append(env.get(m.group(0), ""))
+            i = m.end()
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """Compose's variable substitution, enough for these files: $$, $VAR, ${VAR}, ${VAR:-default}."""
+    """Compose's variable substitution, enough for these files: $$, $VAR, ${VAR}, ${VAR:-default}
+    (nested defaults too)."""
     if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
-                return "$"
-            name = m.group(1) or m.group(4)
-            op, arg = m.group(2), m.group(3) or ""
-            current = env.get(name)
-            if op in (":-", "-"):
-                unset = current is None or (op == ":-" and current == "")
-                return arg if unset else str(current)
-            if op in (":?", "?"):
-                if current is None or (op == ":?" and current == ""):
-                    raise AssertionError(f"required variable {name} is unset: {arg}")
-                return current
-            if op in (":+", "+"):
-                return arg if current else ""
-            return current or ""
-
-        return _VAR.sub(sub, value)
+        return _substitute(value, env)
     if isinstance(value, Reset):
         return Reset(interpolate(value.value, env), value.replace)
     if isinstance(value, list):
@@ -244,15 +349,17 @@ def host_port(address: str) -> tuple[str, int]:
 def compose_variants() -> Iterator[tuple[str, Services]]:
     yield "gpu", load_compose(COMPOSE)
     yield "cpu", load_compose(COMPOSE, COMPOSE_CPU)
+    yield "gpu-secure", load_compose(COMPOSE, COMPOSE_SECURE)
+    yield "cpu-secure", load_compose(COMPOSE, COMPOSE_CPU, COMPOSE_SECURE)
 
 
-@pytest.fixture(scope="module", params=["gpu", "cpu"])
+@pytest.fixture(scope="module", params=["gpu", "cpu", "gpu-secure", "cpu-secure"])
 def compose(request: pytest.FixtureRequest) -> Services:
     return dict(compose_variants())[request.param]
 
 
 def service_settings(name: str, service: Mapping[str, Any]) -> tuple[argparse.Namespace, Any]:
-    env = {**image_env(), **compose_env(service)}
+    env = localize({**image_env(), **compose_env(service)})
     ns = parse_cli(list(service["command"]), env, f"compose service {name}")
     return ns, validate_settings(ns, f"compose service {name}")
 
@@ -478,7 +585,7 @@ def k8s_container(deployment: Mapping[str, Any]) -> dict[str, Any]:
 
 def k8s_settings(name: str, deployment: Mapping[str, Any]) -> tuple[argparse.Namespace, Any]:
     container = k8s_container(deployment)
-    env = {**image_env(), **{e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}}
+    env = localize({**image_env(), **{e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}})
     args = list(container.get("command", [])[1:]) + list(container["args"])
     ns = parse_cli(args, env, f"Deployment {name}")
     return ns, validate_settings(ns, f"Deployment {name}")
@@ -537,3 +644,190 @@ def test_targets_sit_behind_a_headless_service_the_orchestrator_resolves() -> No
     drafter_host, drafter_port = host_port(orch.drafter)
     assert drafter_port == services[drafter_host]["spec"]["ports"][0]["port"]
     assert services["dsi-orchestrator"]["spec"]["ports"][0]["port"] == orch.server.port
+
+
+# --- security: compose's secure override, the Kubernetes overlay, NetworkPolicies -------------------
+
+# The files each role needs, and no more (a CA's key never).
+ROLE_SECRETS = {
+    "target": {"internal-ca.crt", "target.crt", "target.key"},
+    "drafter": {"internal-ca.crt", "drafter.crt", "drafter.key"},
+    "orchestrator": {"ca.crt", "internal-ca.crt", "orchestrator.crt", "orchestrator.key", "orchestrator-client.crt",
+                     "orchestrator-client.key", "api-keys"},
+    "gateway": {"ca.crt", "client.crt", "client.key", "api-keys"},
+}
+
+
+@pytest.mark.parametrize("files", [(COMPOSE, COMPOSE_SECURE), (COMPOSE, COMPOSE_CPU, COMPOSE_SECURE)],
+                         ids=["gpu-secure", "cpu-secure"])
+def test_the_secure_compose_override_wires_tls_and_keys(files: tuple[Path, ...]) -> None:
+    services = load_compose(*files)
+    doc = yaml.load(COMPOSE_SECURE.read_text(), Loader=ComposeLoader)
+    defined = interpolate(doc["secrets"], {"DSI_TLS_DIR": "/certs", "DSI_API_KEY_FILE": "/keys/api-keys"})
+    for name, secret in defined.items():
+        assert name in SECRET_FILES and secret["file"].rsplit("/", 1)[1] == name, (name, secret)
+    envs: dict[str, dict[str, str]] = {}
+    for name, service in services.items():
+        role = compose_role(service)
+        env = compose_env(service)
+        used = {n for n in (secret_name(v) for v in env.values()) if n}
+        mounted = set(service.get("secrets") or [])
+        assert used <= mounted, f"{name} reads {used - mounted}, which it does not mount"
+        assert mounted == ROLE_SECRETS[role], f"{name} mounts {mounted}, needs {ROLE_SECRETS[role]}"
+        envs[role] = env
+        _, settings = service_settings(name, service)
+        if role in MODEL_ROLES:
+            assert settings.server.tls is not None and settings.server.tls.mutual, name
+        elif role == "orchestrator":
+            assert settings.server.tls is not None and settings.upstream_tls is not None
+            assert settings.upstream_tls.cert and settings.api_key_file and not settings.expose_internals
+            assert not settings.server.reflection
+        else:
+            assert settings.orchestrator_ca and settings.orchestrator_api_key and settings.api_key_file
+        # The base file's health check (`dsi health 127.0.0.1:PORT`) now speaks TLS through DSI_CA etc.
+        check = service["healthcheck"]["test"]
+        if check[1:3] == ["dsi", "health"]:
+            health = parse_cli(check[2:], localize(env), f"{name} healthcheck")
+            assert health.ca, f"{name}: its health check would speak plaintext to a TLS port"
+    check_tls_wiring(envs, "compose")
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert all(str(p).startswith("127.0.0.1:") for ports in published.values() for p in ports)
+
+
+def test_the_gateway_loads_the_targets_tokenizer_in_compose() -> None:
+    """The orchestrator does not tell its checkpoint's path (internals hidden), so compose hands the
+    gateway the target model (nested interpolation), unless DSI_TOKENIZER says otherwise."""
+    cases = [({}, ""), ({"DSI_TARGET_MODEL": "/models/t"}, "/models/t"),
+             ({"DSI_TARGET_MODEL": "/models/t", "DSI_TOKENIZER": "/models/tok"}, "/models/tok")]
+    for env, expected in cases:
+        services = load_compose(COMPOSE, env=env)
+        assert compose_env(services["gateway"])["DSI_GATEWAY_TOKENIZER"] == expected, env
+        _, orch = service_settings("orchestrator", services["orchestrator"])
+        assert not orch.expose_internals
+    _, orch = service_settings("orchestrator", load_compose(COMPOSE, env={"DSI_EXPOSE_INTERNALS": "1"})["orchestrator"])
+    assert orch.expose_internals and orch.server.reflection
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        assert expr["operator"] in ("In", "NotIn", "Exists"), expr
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In" and value not in expr["values"]:
+            return False
+        if expr["operator"] == "NotIn" and value in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and value is None:
+            return False
+    return True
+
+
+def test_network_policies_let_only_the_orchestrator_reach_the_model_services() -> None:
+    deployments = by_kind("Deployment")
+    pods = {k8s_settings(n, d)[0].role: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    policies = list(by_kind("NetworkPolicy").values())
+    client_pod = {"app": "my-client", "dsi-client": "true"}
+    stranger = {"app": "something-else"}
+
+    def may_connect(source: Mapping[str, str], role: str) -> bool:
+        applying = [p for p in policies if _selects(p["spec"]["podSelector"], pods[role])]
+        assert applying, f"no NetworkPolicy applies to the {role} pods: anyone may connect"
+        for policy in applying:
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            for rule in policy["spec"]["ingress"]:
+                ports = {p["port"] for p in rule["ports"]}
+                container = next(k8s_container(d) for d in deployments.values()
+                                 if d["spec"]["template"]["metadata"]["labels"] == pods[role])
+                assert ports == {container["ports"][0]["name"]}, f"{role}: only its service port"
+                sources = rule.get("from")
+                if sources is None or any(_selects(s["podSelector"], source) for s in sources):
+                    return True
+        return False
+
+    for role in MODEL_ROLES:
+        assert may_connect(pods["orchestrator"], role)
+        for other in (pods["gateway"], client_pod, stranger, pods["target"]):
+            assert not may_connect(other, role), f"{other} reaches the {role}"
+    assert may_connect(pods["gateway"], "orchestrator") and may_connect(client_pod, "orchestrator")
+    assert not may_connect(stranger, "orchestrator") and not may_connect(pods["target"], "orchestrator")
+    assert may_connect(stranger, "gateway")  # the HTTP front door; its API key guards it
+
+
+_MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
+
+
+def strategic_merge(base: Any, patch: Any, key: str = "") -> Any:
+    """Kubernetes' strategic merge patch, enough for the overlay: mappings merge (null deletes a key),
+    lists of containers, env, volumes and mounts merge by their key, other values are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, value in patch.items():
+            if value is None:
+                out.pop(k, None)
+            else:
+                out[k] = strategic_merge(base.get(k), value, k)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in _MERGE_KEYS:
+        merge_key = _MERGE_KEYS[key]
+        merged = {item[merge_key]: item for item in base}
+        for item in patch:
+            merged[item[merge_key]] = strategic_merge(merged.get(item[merge_key]), item)
+        return list(merged.values())
+    return patch
+
+
+def test_the_secure_kubernetes_overlay_wires_tls_keys_and_probes() -> None:
+    kustomization = yaml.safe_load((K8S_SECURE / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    patches = {p["path"] for p in kustomization["patches"]}
+    assert patches == {f.name for f in K8S_SECURE.glob("*.yaml")} - {"kustomization.yaml"}
+    generated: dict[str, set[str]] = {}
+    for generator in kustomization["secretGenerator"]:
+        files = {f.rsplit("/", 1)[1] for f in generator["files"]}
+        assert files <= set(SECRET_FILES) and not any(f.endswith("ca.key") for f in files), generator
+        assert all(f == f"certs/{f.rsplit('/', 1)[1]}" for f in generator["files"])  # make-certs.sh's directory
+        generated[generator["name"]] = files
+    deployments = by_kind("Deployment")
+    envs: dict[str, dict[str, str]] = {}
+    for path in sorted(patches):
+        patch = yaml.safe_load((K8S_SECURE / path).read_text())
+        name = patch["metadata"]["name"]
+        assert patch["kind"] == "Deployment" and name in deployments, path
+        base_names = [c["name"] for c in deployments[name]["spec"]["template"]["spec"]["containers"]]
+        assert [c["name"] for c in patch["spec"]["template"]["spec"]["containers"]] == base_names, path
+        deployment = strategic_merge(deployments[name], patch)
+        pod = deployment["spec"]["template"]["spec"]
+        container = k8s_container(deployment)
+        env = {e["name"]: str(e["value"]) for e in container["env"] if "value" in e}
+        volumes = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"].rstrip("/"): m["name"] for m in container.get("volumeMounts", [])}
+        for value in env.values():
+            secret = secret_name(value)
+            if secret:
+                mount = mounts[value.rsplit("/", 1)[0]]
+                assert secret in generated[volumes[mount]], f"{name}: {value} is not in Secret {volumes[mount]}"
+        ns, settings = k8s_settings(name, deployment)
+        role = ns.role
+        envs[role] = env
+        assert {f for s in volumes.values() for f in generated[s]} == ROLE_SECRETS[role], name
+        assert pod["securityContext"]["fsGroup"] == 10001 and all(
+            v["secret"]["defaultMode"] == 0o440 for v in pod["volumes"]), f"{name}: readable by the pod's group only"
+        if role == "gateway":
+            assert settings.orchestrator_ca and settings.orchestrator_api_key and settings.api_key_file
+            continue
+        assert settings.server.tls is not None
+        if role in MODEL_ROLES:
+            assert settings.server.tls.mutual
+        else:
+            assert settings.upstream_tls is not None and settings.api_key_file and not settings.server.reflection
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = container[probe]
+            assert "grpc" not in spec, f"{name} {probe}: the kubelet's gRPC probe cannot speak TLS"
+            command = spec["exec"]["command"]
+            assert command[:2] == ["dsi", "health"], command
+            health = parse_cli(command[1:], localize(env), f"{name} {probe}")
+            assert host_port(health.address) == ("127.0.0.1", settings.server.port)
+            assert health.ca and spec["timeoutSeconds"] > health.timeout_s, f"{name} {probe}"
+    check_tls_wiring(envs, "kubernetes")
+
