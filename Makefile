@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install proto proto-check lint typecheck bench clean image image-offline e2e
+.PHONY: demo test install proto proto-check lint typecheck bench clean image image-offline e2e chaos
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	$(PY) -m dsi.demo
 
 test: $(STAMP) proto-check lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not chaos"
+
+# The chaos and soak tier (tests/chaos): processes killed and stopped mid-request, 200 cancels, 64 streams.
+chaos: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m chaos tests/chaos
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/dsi/v1/*.proto
