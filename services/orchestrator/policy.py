@@ -48,8 +48,6 @@ class Load:
     spare_targets: int
 
 
-UNLOADED = Load(spare_targets=1 << 30)
-
 
 def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) -> list[tuple[int, int]]:
     """The windows (start, end) over drafts [start, end) to dispatch now, in order."""

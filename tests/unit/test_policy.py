@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.orchestrator.policy import UNLOADED, EpochState, Load, urgent_until, windows_to_dispatch
+from services.orchestrator.policy import EpochState, Load, urgent_until, windows_to_dispatch
 
 pytestmark = pytest.mark.unit
 
 L, SP = 4, 4
 BUSY = Load(spare_targets=0)
+UNLOADED = Load(spare_targets=1 << 30)  # every target idle
 
 
 def state(**kw: object) -> EpochState:
