@@ -183,8 +183,19 @@ def _info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _builtin_model(role: str, oracle_acceptance: float) -> str:
+    """The built-in pair's checkpoint a model service serves when no --model is given (an oracle
+    drafter serves the target model)."""
+    from dsi.default_pair import ensure_default_pair
+
+    pair = ensure_default_pair()
+    return str(pair.drafter if role == "drafter" and oracle_acceptance <= 0 else pair.target)
+
+
 def _serve(role: str):  # type: ignore[no-untyped-def]
     def run(ns: argparse.Namespace) -> int:
+        if role in ("target", "drafter") and not ns.model:
+            ns.model = _builtin_model(role, float(getattr(ns, "oracle_acceptance", 0.0) or 0.0))
         if role == "target":
             from services.target.server import main
         elif role == "drafter":
@@ -314,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one service (what docker-compose runs)")
     roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
-    from services.runtime.settings import add_model_server_arguments
+    from services.model.settings import add_model_server_arguments
 
     for role in ("target", "drafter"):
         p = roles.add_parser(role, help=f"the {role} model service")

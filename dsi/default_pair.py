@@ -8,9 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsi.builtin import PRETRAINED
 from dsi.tiny_models import TinyPairSpec, build_tiny_pair
-
-PRETRAINED = Path(__file__).parent / "pretrained"
 
 
 @dataclass(frozen=True)

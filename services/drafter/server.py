@@ -8,8 +8,8 @@ from dsi.v1 import drafter_pb2, drafter_pb2_grpc
 from services.drafter.engine import DrafterEngine
 from services.drafter.servicer import DrafterServicer
 from services.model.runner import ModelRunner
-from services.runtime.model_server import run_model_service, serve_model_service
-from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
+from services.model.server import run_model_service, serve_model_service
+from services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
 

@@ -10,8 +10,8 @@ import grpc
 
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.drafter.engine import DrafterEngine, DraftToken
+from services.model.server import counters_pb, model_info_pb, not_loaded
 from services.runtime.errors import InvalidArgument, grpc_errors
-from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
 from services.runtime.validation import (
     validate_draft,
     validate_draft_grant,

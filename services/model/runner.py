@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from services.model.emulation import Emulation
-from services.model.errors import ModelError, PrefixNotHeld
 from services.model.kv_cache import crop_kv_cache, new_kv_cache
 from services.model.loading import LoadedModel
 from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
 from services.model.worker import URGENT, Priority, PriorityWorker
+from services.runtime.model_errors import ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,9 +17,9 @@ device, so it is bit-identical on CPU and GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from services.runtime.sampling_params import Sampling as Sampling  # re-exported for the model code
 
 _MASK32 = 0xFFFFFFFF
 # Salts that give independent noise streams for the same (seed, position).
@@ -27,21 +27,6 @@ _SALT_CHOICE = 0x0
 _SALT_DRAFT_SAMPLE = 0x5BD1E995
 _SALT_ACCEPT = 0x27D4EB2F
 _SALT_RECOVER = 0x165667B1
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling settings of one request (validated at the orchestrator's edge)."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    rejection: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,12 @@ and never show a stop string (or a prefix of one that may still complete)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from services.orchestrator.stop_strings import StopMatcher
+from services.orchestrator.tokenizer import TextTokenizer
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self._matcher = StopMatcher(stop)
@@ -24,8 +23,8 @@ class IncrementalText:
         self._read = 0
 
     def _decode_new(self) -> None:
-        before = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
@@ -46,8 +45,8 @@ class IncrementalText:
     def finish(self) -> str:
         """The rest of the text once generation ended (an incomplete character shows as U+FFFD)."""
         if self._read < len(self.ids) and self.stopped_at is None:
-            tail = self.tokenizer.decode(self.ids[self._prefix :], skip_special_tokens=True)
-            done = self.tokenizer.decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+            tail = self.tokenizer.decode(self.ids[self._prefix :])
+            done = self.tokenizer.decode(self.ids[self._prefix : self._read])
             self.text += tail[len(done) :]
             self._prefix = self._read = len(self.ids)
         return self._take(self.stopped_at if self.stopped_at is not None else len(self.text))

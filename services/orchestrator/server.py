@@ -20,6 +20,7 @@ from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
 from services.orchestrator.service import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
 from services.runtime import tls
 from services.runtime.auth import ApiKeyError, ApiKeyInterceptor, ApiKeys
 from services.runtime.serving import GrpcServer, run_service, start_metrics_server
@@ -112,13 +113,11 @@ async def _drafter_info(
             await asyncio.sleep(0.5)
 
 
-def load_tokenizer(name: str):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
+def _load_tokenizer(name: str) -> TextTokenizer:
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"could not load a tokenizer from {name!r} (set --tokenizer): {exc}") from exc
+        return load_tokenizer(name)
+    except TokenizerError as exc:
+        raise StartupError(f"{exc} (set --tokenizer)") from exc
 
 
 def _health_follows_targets(server: GrpcServer) -> Callable[[int], None]:
@@ -207,7 +206,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             if info.oracle_acceptance > 0:
                 log.warning("drafter is in BENCHMARK-ONLY oracle mode (acceptance %.2f)", info.oracle_acceptance)
         tokenizer = await asyncio.get_running_loop().run_in_executor(
-            None, load_tokenizer, settings.tokenizer or target_model.model
+            None, _load_tokenizer, settings.tokenizer or target_model.model
         )
         if drafter_model is not None:
             check_vocabularies(target_model, drafter_model, len(tokenizer))

@@ -9,7 +9,6 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
 from dsi.v1 import drafter_pb2_grpc
 from services.orchestrator.admission import Admission
@@ -18,6 +17,7 @@ from services.orchestrator.drafter_client import GrpcDrafterClient
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import PoolTargetClient, TargetPool
 from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
+from services.orchestrator.tokenizer import TextTokenizer
 from services.runtime.validation import (
     GenerateLimits,
     GenerateParams,
@@ -47,7 +47,7 @@ class Orchestrator:
         self,
         pool: TargetPool,
         drafter_stub: drafter_pb2_grpc.DrafterServiceStub | None,
-        tokenizer: Any,
+        tokenizer: TextTokenizer,
         limits: GenerateLimits,
         eos_token_ids: list[int],
         deadline_s: float,
@@ -72,7 +72,7 @@ class Orchestrator:
     def tokenize(self, params: GenerateParams) -> list[int]:
         if params.prompt_token_ids is not None:
             return list(params.prompt_token_ids)
-        ids = list(self.tokenizer(params.prompt, add_special_tokens=False)["input_ids"])
+        ids = self.tokenizer.encode(params.prompt)
         check_prompt_length(len(ids), self.limits)
         return ids
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The public name of the built-in pair's target (what `dsi up` and the images serve by default).
-BUILTIN_NAME = "dsi-default"
+from dsi.builtin import BUILTIN_NAME as BUILTIN_NAME  # re-exported: the gateway names it too
+from dsi.builtin import PRETRAINED
 
 
 def public_model_name(checkpoint: str) -> str:
     """A checkpoint as clients may see it: 'dsi-default' for the built-in pair, a directory's name for a
     path (never the path), a hub id as it is."""
-    from dsi.default_pair import PRETRAINED
-
     path = Path(checkpoint)
     if path.is_absolute() and path.resolve() == (PRETRAINED / "target").resolve():
         return BUILTIN_NAME
@@ -24,8 +22,6 @@ def public_model_name(checkpoint: str) -> str:
 
 def builtin_checkpoint(name: str) -> str | None:
     """The built-in target's directory when ``name`` is its public name and it ships in this install."""
-    from dsi.default_pair import PRETRAINED
-
     target = PRETRAINED / "target"
     return str(target) if name == BUILTIN_NAME and (target / "config.json").is_file() else None
 

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.model.errors import ModelError, PrefixNotHeld
 from services.runtime.log_fields import escaped
+from services.runtime.model_errors import ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 

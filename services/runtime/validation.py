@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsi.v1 import common_pb2, orchestrator_pb2
-from services.model.sampling import Sampling
 from services.runtime.errors import InvalidArgument
+from services.runtime.sampling_params import Sampling
 
 MODES = {
     orchestrator_pb2.MODE_UNSPECIFIED: "dsi",

@@ -6,8 +6,8 @@ import argparse
 
 from dsi.v1 import target_pb2, target_pb2_grpc
 from services.model.runner import ModelRunner
-from services.runtime.model_server import run_model_service, serve_model_service
-from services.runtime.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
+from services.model.server import run_model_service, serve_model_service
+from services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 from services.target.engine import TargetEngine
 from services.target.servicer import TargetServicer
 

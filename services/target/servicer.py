@@ -6,8 +6,8 @@ import grpc
 
 from dsi.v1 import target_pb2, target_pb2_grpc
 from services.model.runner import Chunking
+from services.model.server import counters_pb, model_info_pb, not_loaded
 from services.runtime.errors import grpc_errors
-from services.runtime.model_server import counters_pb, model_info_pb, not_loaded
 from services.runtime.validation import validate_verify
 from services.target.engine import TargetEngine, VerifyCall
 

@@ -331,7 +331,7 @@ def validate_settings(ns: argparse.Namespace, where: str) -> Any:
             from services.gateway.settings import settings_from_args as gateway_settings
 
             return gateway_settings(ns)
-        from services.runtime.settings import model_server_settings
+        from services.model.settings import model_server_settings
 
         return model_server_settings(ns, ns.role)
     except SystemExit as exc:

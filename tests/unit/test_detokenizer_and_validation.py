@@ -14,10 +14,17 @@ class CharTokenizer:
     """Token id = a byte; decoding shows U+FFFD for an incomplete UTF-8 sequence, like HF tokenizers."""
 
     calls = 0
+    eos_token_id = None
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
         CharTokenizer.calls += len(ids)
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return 256
 
 
 def feed(text: IncrementalText, data: bytes) -> str:
@@ -103,14 +110,13 @@ def test_decoding_work_per_token_does_not_grow_with_the_output() -> None:
 
 
 def test_real_tokenizer_round_trip(tmp_path) -> None:
-    from transformers import AutoTokenizer
-
     from dsi.tiny_models import build_tokenizer
+    from services.orchestrator.tokenizer import load_tokenizer
 
     build_tokenizer(300, [tmp_path])
-    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
     source = "def f(x):\n    return 'héllo → wörld' + x  # ünïcode\n"
-    ids = tok(source, add_special_tokens=False)["input_ids"]
+    ids = tok.encode(source)
     t = IncrementalText(tok, stop=("# ü",))
     streamed = "".join(t.push(i) for i in ids) + t.finish()
     assert streamed == source[: source.index("# ü")]

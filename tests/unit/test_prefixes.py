@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from services.model.emulation import Emulation
-from services.model.errors import PrefixNotHeld
 from services.model.loading import LoadedModel
 from services.model.runner import ForwardCancelled, Job, ModelRunner
+from services.runtime.model_errors import PrefixNotHeld
 from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 
 pytestmark = pytest.mark.unit

@@ -349,8 +349,8 @@ def pem_files(tmp_path: Path) -> dict[str, str]:
 
 
 def test_tls_and_key_flags_with_environment_fallbacks(pem_files: dict[str, str]) -> None:
+    from services.model.settings import model_server_settings
     from services.orchestrator.settings import settings_from_args
-    from services.runtime.settings import model_server_settings
 
     f = pem_files
     target = model_server_settings(_parse(["serve", "target"], {
@@ -409,8 +409,8 @@ def test_the_gateway_reads_its_keys_and_orchestrator_credentials(pem_files: dict
 
 def test_every_listener_binds_loopback_unless_told_otherwise() -> None:
     from services.gateway.settings import settings_from_args as gateway_settings
+    from services.model.settings import model_server_settings
     from services.orchestrator.settings import settings_from_args
-    from services.runtime.settings import model_server_settings
 
     assert ServerOptions().host == "127.0.0.1"
     for role in ("target", "drafter"):

@@ -12,12 +12,12 @@ import grpc
 
 from dsi.v1 import common_pb2
 from services.model.loading import ModelLoadError, load_causal_lm
+from services.model.metrics import runner_registry
 from services.model.runner import ModelRunner
 from services.model.sampling import Sampling
+from services.model.settings import ModelServerSettings
 from services.runtime.errors import Unavailable
-from services.runtime.model_metrics import runner_registry
 from services.runtime.serving import GrpcServer, run_service, start_metrics_server
-from services.runtime.settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,6 @@ def counters_pb(runner: ModelRunner) -> common_pb2.ServiceCounters:
     )
 
 
-def resolve_model_path(settings: ModelServerSettings) -> str:
-    if settings.model:
-        return settings.model
-    from dsi.default_pair import ensure_default_pair
-
-    pair = ensure_default_pair()
-    if settings.role == "drafter" and settings.oracle_acceptance <= 0:
-        return str(pair.drafter)
-    return str(pair.target)
-
-
 async def serve_model_service(
     settings: ModelServerSettings,
     service_name: str,
@@ -85,7 +74,9 @@ async def serve_model_service(
     except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
         raise ModelLoadError(f"cannot listen on {settings.server.host}:{settings.server.port}: {exc}") from exc
     loop = asyncio.get_running_loop()
-    model_path = resolve_model_path(settings)
+    model_path = settings.model  # the CLI resolves the built-in pair when no --model is given
+    if not model_path:
+        raise ModelLoadError("no model to serve: give --model (a checkpoint directory or hub id)")
     log.info("loading %s model %s on %s", settings.role, model_path, settings.device)
     try:
         loaded = await loop.run_in_executor(

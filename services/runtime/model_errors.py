@@ -1,4 +1,4 @@
-"""Errors of the model layer that callers map to statuses (torch-free, so the transport can import it)."""
+"""Errors the model services raise and the transport maps to statuses (torch-free: the runtime imports it)."""
 
 from __future__ import annotations
 
