@@ -10,6 +10,8 @@ import grpc
 
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from services.orchestrator.scheduler import Draft
+from services.runtime.params import Sampling
+from services.runtime.validation import sampling_to_pb
 
 
 class DrafterStalled(Exception):
@@ -40,7 +42,7 @@ class GrpcDraftStream:
         # The last draft, or the grant or urgency mark that ended a wait for credit or for urgency.
         self._progress = self._loop.time()
         self._stalled = False
-        self._watchdog = asyncio.ensure_future(self._watch(stall_s)) if stall_s > 0 else None
+        self._watchdog = asyncio.create_task(self._watch(stall_s)) if stall_s > 0 else None
 
     async def _watch(self, stall_s: float) -> None:
         while True:
@@ -139,3 +141,27 @@ class GrpcDrafterClient:
             order=self.order,
         )
         return GrpcDraftStream(self.stub, request, self.deadline_s, self.stall_s)
+
+
+class Drafter:
+    """The drafter service as the orchestrator uses it: a DraftFlow client per request, and the
+    release of a finished request's session."""
+
+    def __init__(
+        self, stub: drafter_pb2_grpc.DrafterServiceStub, deadline_s: float, vocab_limit: int = 0, stall_s: float = 0.0
+    ) -> None:
+        self.stub = stub
+        self.deadline_s = deadline_s
+        self.vocab_limit = vocab_limit
+        self.stall_s = stall_s
+
+    def client(self, sampling: Sampling, request_id: str, order: int) -> GrpcDrafterClient:
+        return GrpcDrafterClient(self.stub, sampling_to_pb(sampling), request_id, self.deadline_s,
+                                 vocab_limit=self.vocab_limit, stall_s=self.stall_s, order=order)
+
+    async def release(self, session_id: str) -> None:
+        """Best effort: a drafter that does not answer drops the session at its time-to-live."""
+        try:
+            await self.stub.Release(drafter_pb2.DrafterReleaseRequest(session_id=session_id), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            pass

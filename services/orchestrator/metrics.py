@@ -65,7 +65,7 @@ class OrchestratorMetrics:
         self.ttft_seconds = Histogram("dsi_ttft_seconds", "Time to the first committed token", ["mode"], registry=r)
 
     def observe(self, stats: RequestStats, outcome: str) -> None:
-        m = stats.mode
+        m = stats.mode.value
         self.requests.labels(m, outcome).inc()
         self.generated_tokens.labels(m, "draft").inc(stats.tokens_from_drafts)
         self.generated_tokens.labels(m, "target").inc(stats.new_tokens - stats.tokens_from_drafts)

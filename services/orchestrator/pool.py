@@ -38,8 +38,10 @@ from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.scheduler import WindowRequest, WindowResult
 from services.runtime import tls
 from services.runtime.errors import Unavailable
+from services.runtime.params import Sampling
 from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 from services.runtime.serving import MAX_MESSAGE_BYTES
+from services.runtime.validation import sampling_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -661,12 +663,12 @@ class PoolTargetClient:
     def __init__(
         self,
         pool: TargetPool,
-        sampling: common_pb2.SamplingParams,
+        sampling: Sampling,
         request_id: str,
         chunking: tuple[int, int] | None = None,
     ) -> None:
         self.pool = pool
-        self.sampling = sampling
+        self.sampling = sampling_to_pb(sampling)
         self.request_id = request_id
         # (chunk_origin, chunk_size) of fixed-shape target forwards (--reproducible); None = off.
         self.chunking = chunking

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.orchestrator import policy
+from services.runtime.params import Mode
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class CommittedToken:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    mode: str  # "dsi", "si" or "nonsi"
+    mode: Mode
     lookahead: int = 5
     sp_degree: int = 0  # 0 = as many as the target client allows
     max_new_tokens: int = 64
@@ -168,10 +169,13 @@ class SchedulerConfig:
     # Most tokens (prefix + drafts) the drafter can hold; no draft is asked beyond it (0 = no limit).
     draft_sequence_length: int = 0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))  # "dsi" is accepted and becomes Mode.DSI
+
 
 @dataclass
 class RequestStats:
-    mode: str = ""
+    mode: Mode = Mode.DSI
     windows_dispatched: int = 0
     windows_applied: int = 0
     windows_cancelled: int = 0
@@ -221,6 +225,25 @@ class _Window:
     result: WindowResult | None = None
 
 
+@dataclass(frozen=True)
+class _DraftArrived:
+    draft: Draft
+
+
+@dataclass(frozen=True)
+class _DraftStreamEnded:
+    stream: DraftStream
+
+
+@dataclass(frozen=True)
+class _WindowFinished:
+    window: _Window
+
+
+# What wakes an epoch up, in arrival order.
+_EpochEvent = _DraftArrived | _DraftStreamEnded | _WindowFinished
+
+
 @dataclass
 class _Epoch:
     base: int
@@ -232,7 +255,7 @@ class _Epoch:
     reader: asyncio.Task[None] | None = None
     requested: int = 0  # drafts asked of the drafter in this epoch (received + credit outstanding)
     # Draft arrivals, drafter stream ends and window completions of this epoch, in arrival order.
-    events: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[_EpochEvent] = field(default_factory=asyncio.Queue)
 
     @property
     def dispatched_end(self) -> int:
@@ -277,15 +300,13 @@ class Scheduler:
         self._t0 = self.clock()
         self.stats.sp_degree = self._sp()
         try:
-            if self.cfg.mode == "nonsi" or (self.drafter is None and self.cfg.mode == "si"):
+            if self.cfg.mode is Mode.NONSI or (self.drafter is None and self.cfg.mode is Mode.SI):
                 await self._run_nonsi()
-            elif self.cfg.mode == "si":
+            elif self.cfg.mode is Mode.SI:
                 await self._run_si()
-            elif self.cfg.mode == "dsi":
+            else:
                 while not self._done():
                     await self._run_epoch()
-            else:
-                raise ValueError(f"unknown mode {self.cfg.mode!r}")
         finally:
             self.stats.wall_s = self.clock() - self._t0
         return self.stats
@@ -441,17 +462,16 @@ class Scheduler:
             self._dispatch_ready(ep, sp)
             self._open_drafter(ep, sp)
             while True:
-                kind, payload = await ep.events.get()
-                if kind == "draft_end":
-                    if payload is not ep.stream:
+                event = await ep.events.get()
+                if isinstance(event, _DraftStreamEnded):
+                    if event.stream is not ep.stream:
                         continue
                     # Ended early (deadline, or the drafter failed): no more drafts on it. Reopen, or
                     # with no drafter left dispatch what there is (below): nothing else may be pending.
                     ep.stream = None
                     ep.requested = len(ep.drafts)
-                elif kind == "window":
-                    window = payload
-                    assert isinstance(window, _Window)
+                elif isinstance(event, _WindowFinished):
+                    window = event.window
                     exc = window.task.exception()
                     if exc is not None:
                         raise exc
@@ -487,7 +507,7 @@ class Scheduler:
     def _dispatch(self, ep: _Epoch, start: int, end: int) -> None:
         rank = len(ep.windows) - ep.applied
         request = self._window_request(ep.base, ep.drafts, start, end, rank)
-        task = asyncio.ensure_future(self.target.verify(request))
+        task = asyncio.create_task(self.target.verify(request))
         window = _Window(start, end, task, request)
         task.add_done_callback(functools.partial(self._window_done, ep, window))
         ep.windows.append(window)
@@ -496,7 +516,7 @@ class Scheduler:
 
     @staticmethod
     def _window_done(ep: _Epoch, window: _Window, _task: object) -> None:
-        ep.events.put_nowait(("window", window))
+        ep.events.put_nowait(_WindowFinished(window))
 
     def _state(self, ep: _Epoch) -> policy.EpochState:
         more = self.drafter is not None and (
@@ -544,14 +564,14 @@ class Scheduler:
         stream = self.drafter.open(self.session_id, prefix, room, self.cfg.rejection)
         ep.stream = stream
         self._mark_urgent(ep)
-        ep.reader = asyncio.ensure_future(self._read_drafts(ep, stream))
+        ep.reader = asyncio.create_task(self._read_drafts(ep, stream))
 
     async def _read_drafts(self, ep: _Epoch, stream: DraftStream) -> None:
         try:
             async for d in stream:
                 ep.drafts.append(d)
                 self.stats.drafts_proposed += 1
-                ep.events.put_nowait(("draft", d))
+                ep.events.put_nowait(_DraftArrived(d))
         except asyncio.CancelledError:
             stream.cancel()
             raise
@@ -559,15 +579,16 @@ class Scheduler:
             log.warning("session %s: drafter failed (%s); continuing target-only", self.session_id, exc)
             self.stats.drafter_failed = True
             self.drafter = None
-        ep.events.put_nowait(("draft_end", stream))
+        ep.events.put_nowait(_DraftStreamEnded(stream))
 
     async def _close_epoch(self, ep: _Epoch) -> None:
         """Cancel everything still running for this epoch (real cancels) and account for waste."""
         if ep.stream is not None:
             ep.stream.cancel()
+        pending: list[asyncio.Task[WindowResult] | asyncio.Task[None]] = []
         if ep.reader is not None and not ep.reader.done():
             ep.reader.cancel()
-        pending = []
+            pending.append(ep.reader)  # awaited with the windows: no task outlives its epoch
         for w in ep.windows[ep.applied :]:
             if not w.task.done():
                 w.task.cancel()
@@ -581,6 +602,8 @@ class Scheduler:
                 await asyncio.wait(pending)
         finally:
             for i, w in enumerate(ep.windows):
+                if w.task.done() and not w.task.cancelled():
+                    w.task.exception()  # retrieved: a failure after the epoch ended is not an error
                 self._account(w.request)
                 if i >= ep.applied:  # cancelled, or computed and never applied: target time lost
                     self.stats.wasted_target_s += w.request.timing.held_s

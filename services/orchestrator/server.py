@@ -15,6 +15,7 @@ from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, orchestrator_pb2, 
 from services.orchestrator import settings as settings_mod
 from services.orchestrator.admission import Admission
 from services.orchestrator.discovery import Resolver, TargetDiscovery, system_resolver
+from services.orchestrator.drafter_client import Drafter
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
 from services.orchestrator.service import Orchestrator
@@ -190,6 +191,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s,
                                 naming_resolver(settings.upstream_tls))
     drafter_channel = None
+    orchestrator: Orchestrator | None = None
     try:
         await discovery.refresh()
         await pool.start()
@@ -226,16 +228,18 @@ async def serve(settings: OrchestratorSettings) -> None:
             max_stop_length=settings.max_stop_length,
             draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
+        drafter = None
+        if drafter_stub is not None:
+            drafter = Drafter(drafter_stub, settings.deadline_s, vocab_limit=limits.vocab_size,
+                              stall_s=settings.drafter_stall_s)
         orchestrator = Orchestrator(
             pool,
-            drafter_stub,
+            drafter,
             tokenizer,
             limits,
             eos,
-            settings.deadline_s,
             metrics,
             settings.reproducible,
-            settings.drafter_stall_s,
             Admission(settings.max_active_requests, settings.max_queued_requests, settings.max_queue_wait_s),
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
@@ -246,6 +250,8 @@ async def serve(settings: OrchestratorSettings) -> None:
         # A refusal ends serve() with the gRPC server still running: stop it while the event loop is
         # alive, or its finaliser later schedules the stop on a closed loop ("Event loop is closed").
         await server.server.stop(None)
+        if orchestrator is not None:
+            await orchestrator.close()
         discovery.stop()
         await pool.close()
         if drafter_channel is not None:

@@ -10,20 +10,19 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from dsi.v1 import drafter_pb2_grpc
 from services.orchestrator.admission import Admission
 from services.orchestrator.detokenizer import IncrementalText
-from services.orchestrator.drafter_client import GrpcDrafterClient
+from services.orchestrator.drafter_client import Drafter
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import PoolTargetClient, TargetPool
 from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
 from services.orchestrator.tokenizer import TextTokenizer
+from services.runtime.params import FinishReason, Mode
 from services.runtime.validation import (
     GenerateLimits,
     GenerateParams,
     check_prompt_length,
     new_tokens_within_context,
-    sampling_to_pb,
 )
 
 log = logging.getLogger(__name__)
@@ -35,38 +34,75 @@ class Chunk:
 
     tokens: list[CommittedToken] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # "length", "eos" or "stop" on the last chunk
+    finish_reason: FinishReason | None = None  # on the last chunk
     stats: RequestStats | None = None
     seed: int = 0
     prompt_tokens: int = 0
     request_id: str = ""
 
 
+class _Output:
+    """A scheduler run's commits as chunks: text with stop strings held back, the end at EOS or at a
+    stop string. Commits arrive from the scheduler's callback; ``chunks`` batches what has arrived
+    since the consumer last took a chunk, until the run is over."""
+
+    def __init__(self, tokenizer: TextTokenizer, params: GenerateParams, eos: set[int]) -> None:
+        self.text = IncrementalText(tokenizer, params.stop)
+        self.eos = set() if params.ignore_eos else eos
+        self.finish_reason = FinishReason.LENGTH
+        self._pending = Chunk()
+        self._ready = asyncio.Event()
+        self._over = False
+
+    def on_commit(self, token: CommittedToken) -> bool:
+        """The scheduler's callback: True ends the request."""
+        self._pending.tokens.append(token)
+        self._pending.text += self.text.push(token.token_id)
+        self._ready.set()
+        if token.token_id in self.eos:
+            self.finish_reason = FinishReason.EOS
+            return True
+        if self.text.stopped_at is not None:
+            self.finish_reason = FinishReason.STOP
+            return True
+        return False
+
+    def run_over(self, _task: object = None) -> None:
+        self._over = True
+        self._ready.set()
+
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
+        while self._pending.tokens or not self._over:
+            if not self._pending.tokens:
+                await self._ready.wait()
+                self._ready.clear()
+                continue
+            chunk, self._pending = self._pending, Chunk()
+            yield chunk
+
+
 class Orchestrator:
     def __init__(
         self,
         pool: TargetPool,
-        drafter_stub: drafter_pb2_grpc.DrafterServiceStub | None,
+        drafter: Drafter | None,
         tokenizer: TextTokenizer,
         limits: GenerateLimits,
         eos_token_ids: list[int],
-        deadline_s: float,
         metrics: OrchestratorMetrics,
         reproducible: bool = False,
-        drafter_stall_s: float = 0.0,
         admission: Admission | None = None,
     ) -> None:
         self.pool = pool
-        self.drafter_stub = drafter_stub
+        self.drafter = drafter
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = set(eos_token_ids)
-        self.deadline_s = deadline_s
         self.metrics = metrics
         self.reproducible = reproducible
-        self.drafter_stall_s = drafter_stall_s
         self.admission = admission or Admission(max_active=1 << 30, max_queued=0, max_wait_s=0.0)
-        self._background: set[asyncio.Task[None]] = set()
+        # Session releases still running after their request ended (awaited by ``close``).
+        self._releases: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
 
     def tokenize(self, params: GenerateParams) -> list[int]:
@@ -82,102 +118,68 @@ class Orchestrator:
             async for chunk in self._generate(params):
                 yield chunk
 
-    async def _generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
-        request_id = params.request_id or uuid.uuid4().hex[:16]
-        # Off the event loop: other requests' tokens keep streaming while a long prompt is encoded.
-        prompt = await asyncio.to_thread(self.tokenize, params)
-        max_new_tokens = new_tokens_within_context(len(prompt), params, self.limits)
-        sampling = sampling_to_pb(params.sampling)
+    def _scheduler(self, params: GenerateParams, prompt: list[int], request_id: str) -> Scheduler:
         request_seq = next(self._seq)
         drafter = None
-        if self.drafter_stub is not None and params.mode != "nonsi":
-            drafter = GrpcDrafterClient(
-                self.drafter_stub,
-                sampling,
-                request_id,
-                self.deadline_s,
-                vocab_limit=self.limits.vocab_size,
-                stall_s=self.drafter_stall_s,
-                order=request_seq,
-            )
-        scheduler = Scheduler(
-            PoolTargetClient(
-                self.pool, sampling, request_id, (len(prompt), params.lookahead + 1) if self.reproducible else None
-            ),
+        if self.drafter is not None and params.mode is not Mode.NONSI:
+            drafter = self.drafter.client(params.sampling, request_id, request_seq)
+        chunking = (len(prompt), params.lookahead + 1) if self.reproducible else None
+        return Scheduler(
+            PoolTargetClient(self.pool, params.sampling, request_id, chunking),
             drafter,
             SchedulerConfig(
                 mode=params.mode,
                 lookahead=params.lookahead,
                 sp_degree=params.sp_degree,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=new_tokens_within_context(len(prompt), params, self.limits),
                 rejection=params.sampling.rejection,
                 draft_sequence_length=self.limits.draft_sequence_length,
             ),
             session_id=request_id,
             request_seq=request_seq,
         )
-        text = IncrementalText(self.tokenizer, params.stop)
-        queue: asyncio.Queue[tuple[CommittedToken, str]] = asyncio.Queue()
-        finish = {"reason": "length"}
 
-        def on_commit(token: CommittedToken) -> bool:
-            delta = text.push(token.token_id)
-            queue.put_nowait((token, delta))
-            if token.token_id in self.eos and not params.ignore_eos:
-                finish["reason"] = "eos"
-                return True
-            if text.stopped_at is not None:
-                finish["reason"] = "stop"
-                return True
-            return False
-
-        run = asyncio.ensure_future(scheduler.run(prompt, on_commit))
+    async def _generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
+        request_id = params.request_id or uuid.uuid4().hex[:16]
+        # Off the event loop: other requests' tokens keep streaming while a long prompt is encoded.
+        prompt = await asyncio.to_thread(self.tokenize, params)
+        scheduler = self._scheduler(params, prompt, request_id)
+        output = _Output(self.tokenizer, params, self.eos)
+        run = asyncio.create_task(scheduler.run(prompt, output.on_commit))
+        run.add_done_callback(output.run_over)
         outcome = "error"
         try:
-            while not (run.done() and queue.empty()):
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                chunk = Chunk()
-                token, delta = getter.result()
-                chunk.tokens.append(token)
-                chunk.text += delta
-                while not queue.empty():  # batch what is already committed into one message
-                    token, delta = queue.get_nowait()
-                    chunk.tokens.append(token)
-                    chunk.text += delta
+            async for chunk in output.chunks():
                 yield chunk
             stats = run.result()  # raises what the scheduler raised
             outcome = "ok"
-            yield Chunk(
-                text=text.finish(),
-                finish_reason=finish["reason"],
-                stats=stats,
-                seed=params.sampling.seed,
-                prompt_tokens=len(prompt),
-                request_id=request_id,
-            )
+            yield Chunk(text=output.text.finish(), finish_reason=output.finish_reason, stats=stats,
+                        seed=params.sampling.seed, prompt_tokens=len(prompt), request_id=request_id)
         finally:
             try:
                 if not run.done():
-                    run.cancel()
                     outcome = "cancelled"
+                    run.cancel()
                     # Lets the scheduler cancel its windows; raises if *this* generator is cancelled.
                     await asyncio.wait({run})
+                elif not run.cancelled():
+                    run.exception()  # retrieved (raised above, or the consumer left first)
             finally:
                 self.metrics.observe(scheduler.stats, outcome)
                 release = asyncio.create_task(self._release(request_id))
-                self._background.add(release)  # a reference, so the task is not collected mid-way
-                release.add_done_callback(self._background.discard)
+                self._releases.add(release)  # owned until done, and awaited by close()
+                release.add_done_callback(self._releases.discard)
 
     async def _release(self, session_id: str) -> None:
-        from dsi.v1 import drafter_pb2
+        """Every target instance and the drafter drop the request's session (best effort: a service
+        that does not answer drops it at its time-to-live)."""
+        await asyncio.gather(
+            self.pool.release_session(session_id),
+            *([self.drafter.release(session_id)] if self.drafter is not None else []),
+            return_exceptions=True,
+        )
 
-        await self.pool.release_session(session_id)
-        if self.drafter_stub is not None:
-            try:
-                await self.drafter_stub.Release(drafter_pb2.DrafterReleaseRequest(session_id=session_id), timeout=5.0)
-            except Exception:  # noqa: BLE001 - best effort; the drafter's TTL cleans up
-                pass
+    async def close(self) -> None:
+        """Wait for the releases still running (at shutdown, before the channels close)."""
+        while self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)

@@ -15,12 +15,13 @@ from services.orchestrator.scheduler import Source
 from services.orchestrator.service import Chunk, Orchestrator
 from services.runtime.disclosure import EndpointLabels, public_model_name
 from services.runtime.errors import ClientMessages, Unavailable, grpc_errors
+from services.runtime.params import FinishReason
 from services.runtime.validation import validate_generate
 
 _FINISH = {
-    "length": orchestrator_pb2.FINISH_REASON_LENGTH,
-    "eos": orchestrator_pb2.FINISH_REASON_EOS,
-    "stop": orchestrator_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: orchestrator_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: orchestrator_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: orchestrator_pb2.FINISH_REASON_STOP,
 }
 STARTING = "the orchestrator is starting (waiting for targets); retry when health reports SERVING"
 _SOURCE = {Source.DRAFT: orchestrator_pb2.TOKEN_SOURCE_DRAFT, Source.TARGET: orchestrator_pb2.TOKEN_SOURCE_TARGET}
@@ -39,10 +40,11 @@ def chunk_to_pb(chunk: Chunk, target_name: Callable[[str], str] = _same) -> orch
                        target=target_name(t.target))
     if chunk.stats is not None:
         s = chunk.stats
+        assert chunk.finish_reason is not None  # the last chunk carries both
         msg.finish_reason = _FINISH[chunk.finish_reason]
         msg.stats.CopyFrom(
             orchestrator_pb2.GenerateStats(
-                mode=s.mode,
+                mode=s.mode.value,
                 prompt_tokens=chunk.prompt_tokens,
                 new_tokens=s.new_tokens,
                 windows_dispatched=s.windows_dispatched,

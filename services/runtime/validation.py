@@ -12,13 +12,13 @@ from typing import Any
 
 from dsi.v1 import common_pb2, orchestrator_pb2
 from services.runtime.errors import InvalidArgument
-from services.runtime.sampling_params import Sampling
+from services.runtime.params import Mode, Sampling
 
 MODES = {
-    orchestrator_pb2.MODE_UNSPECIFIED: "dsi",
-    orchestrator_pb2.MODE_DSI: "dsi",
-    orchestrator_pb2.MODE_SI: "si",
-    orchestrator_pb2.MODE_NONSI: "nonsi",
+    orchestrator_pb2.MODE_UNSPECIFIED: Mode.DSI,
+    orchestrator_pb2.MODE_DSI: Mode.DSI,
+    orchestrator_pb2.MODE_SI: Mode.SI,
+    orchestrator_pb2.MODE_NONSI: Mode.NONSI,
 }
 # Fixed-shape forwards (VerifyRequest.chunk_size) pad a forward to this many tokens at most.
 MAX_CHUNK_SIZE = 1024
@@ -179,7 +179,7 @@ class GenerateParams:
     prompt: str
     prompt_token_ids: list[int] | None
     max_new_tokens: int
-    mode: str
+    mode: Mode
     lookahead: int
     sp_degree: int
     sampling: Sampling

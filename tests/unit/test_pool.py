@@ -10,6 +10,7 @@ import pytest
 from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import Held, TargetPool
 from services.orchestrator.scheduler import RequestStats, WindowRequest
+from services.runtime.params import Mode
 
 pytestmark = pytest.mark.unit
 
@@ -82,7 +83,7 @@ def test_a_cancelled_waiter_does_not_leak_the_instance() -> None:
 
 def test_metrics_count_a_request() -> None:
     metrics = OrchestratorMetrics()
-    stats = RequestStats(mode="dsi", windows_dispatched=5, windows_cancelled=2, drafts_verified=8,
+    stats = RequestStats(mode=Mode.DSI, windows_dispatched=5, windows_cancelled=2, drafts_verified=8,
                          drafts_accepted=6, new_tokens=10, tokens_from_drafts=6, wall_s=1.0)
     metrics.observe(stats, "ok")
     value = metrics.registry.get_sample_value
