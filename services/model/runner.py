@@ -33,7 +33,7 @@ from services.model.kv_cache import crop_kv_cache, new_kv_cache
 from services.model.loading import LoadedModel
 from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
 from services.model.worker import URGENT, Priority, PriorityWorker
-from services.runtime.model_errors import ModelError, PrefixNotHeld
+from services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -365,9 +365,9 @@ class ModelRunner:
         except ForwardCancelled:
             self._cut_back(session, len(session.tokens), aborted=True)
             raise
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
             self.sessions.drop(session_id)
-            raise
+            raise DeviceOutOfMemory(f"device out of memory on {n} tokens ({n - start} new): {exc}") from exc
         except Exception as exc:
             self.sessions.drop(session_id)
             raise ModelError(

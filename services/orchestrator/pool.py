@@ -26,7 +26,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,17 @@ class TargetInstance:
         self.sessions.clear()
         if self._down is not None and not self._down.done():
             self._down.set_result(None)
+
+
+def model_mismatch(expected: common_pb2.ModelInfo, got: common_pb2.ModelInfo) -> str:
+    """Why a target serving ``got`` cannot join a pool serving ``expected`` ('' = it can): every
+    instance must score the same vocabulary (the same number of logits and the same tokenizer)."""
+    if got.vocab_size != expected.vocab_size:
+        return f"{got.vocab_size} logits where the pool's targets have {expected.vocab_size}"
+    if got.vocab_fingerprint != expected.vocab_fingerprint:
+        return (f"a different vocabulary (hash {got.vocab_fingerprint or 'unknown'} where the pool's targets "
+                f"have {expected.vocab_fingerprint or 'unknown'})")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,10 @@ class TargetPool:
         self._sent: dict[str, set[str]] = {}
         # Rank now of each window being verified (id of its WindowRequest): reprioritize moves it up.
         self._ranks: dict[int, int] = {}
+        # The model every instance must serve (set once the first targets agree at start-up): an
+        # instance that comes up later, e.g. found by DNS or restarted, joins only if it matches.
+        self.model: common_pb2.ModelInfo | None = None
+        self._closes: set[asyncio.Task[None]] = set()  # channels of removed instances being closed
         self.set_addresses(addresses)
 
     # -- membership and health -------------------------------------------------------------------
@@ -191,7 +206,7 @@ class TargetPool:
             inst.healthy = False
             log.info("target %s removed", address)
             if not inst.busy:
-                asyncio.ensure_future(inst.channel.close())
+                self._closing(inst.channel.close())
         self._signal()
 
     @property
@@ -222,11 +237,32 @@ class TargetPool:
         await self.check_health()
         self._health_task = asyncio.ensure_future(self._health_loop())
 
+    def _closing(self, close: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(close)
+        self._closes.add(task)
+        task.add_done_callback(self._closes.discard)
+
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
-        for inst in self.instances.values():
-            await inst.channel.close()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await asyncio.gather(*self._closes, *(i.channel.close() for i in self.instances.values()),
+                             return_exceptions=True)
+
+    def require_model(self, model: common_pb2.ModelInfo) -> None:
+        """From now on an instance becomes healthy only if it serves this model's vocabulary."""
+        self.model = model
+
+    async def _incompatibility(self, inst: TargetInstance) -> str:
+        """Why this instance, serving again, may not join the pool ('' = it may)."""
+        if self.model is None:
+            return ""
+        try:
+            info = await inst.stub.Info(target_pb2.TargetInfoRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            return f"Info failed: {exc.code().name}"
+        mismatch = model_mismatch(self.model, info.model)
+        return f"incompatible: it serves {mismatch}" if mismatch else ""
 
     async def wait_healthy(self, timeout_s: float, count: int = 1) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -255,6 +291,13 @@ class TargetPool:
             if not inst.removed or (task is not None and task.cancelling()):
                 raise
             return
+        if ok and not inst.healthy and not inst.removed:
+            error = await self._incompatibility(inst)
+            if error:
+                ok = False
+                if error != inst.last_error:
+                    log.error("target %s stays out of the pool: %s", inst.address, error)
+                inst.last_error = error
         if ok != inst.healthy and not inst.removed:
             log.info("target %s is %s%s", inst.address, "up" if ok else "down", f" ({error})" if error else "")
             inst.healthy = ok
@@ -597,7 +640,10 @@ class TargetPool:
                         continue
                     if exc.code() not in RETRYABLE:
                         raise
-                    self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self._mark_down(inst, f"{exc.code().name}: {exc.details()}")
+                    # RESOURCE_EXHAUSTED (device memory, or the target's call limit) is an overload:
+                    # the instance stays in the pool and the window tries another one.
                 reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "marked down"
                 retries += 1
                 if self.metrics is not None:

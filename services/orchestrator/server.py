@@ -17,7 +17,7 @@ from services.orchestrator.admission import Admission
 from services.orchestrator.discovery import Resolver, TargetDiscovery, system_resolver
 from services.orchestrator.drafter_client import Drafter
 from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool
+from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool, model_mismatch
 from services.orchestrator.service import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
@@ -95,8 +95,10 @@ async def _target_info(pool: TargetPool) -> common_pb2.ModelInfo:
         raise StartupError(pool.unavailable_message())
     first = infos[0]
     for other in infos[1:]:
-        if (other.vocab_size, other.vocab_fingerprint) != (first.vocab_size, first.vocab_fingerprint):
-            raise StartupError(f"target instances serve different vocabularies: {first.model} vs {other.model}")
+        mismatch = model_mismatch(first, other)
+        if mismatch:
+            raise StartupError(f"target instances serve different vocabularies: {other.model} has {mismatch}")
+    pool.require_model(first)  # targets that come up later must match it too
     return first
 
 

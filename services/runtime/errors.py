@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from services.runtime.log_fields import escaped
-from services.runtime.model_errors import ModelError, PrefixNotHeld
+from services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         # Request messages are decoded by serving.MalformedRequestGuard; this catches any a servicer
         # parses itself (e.g. from context.read()).
         return grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message ({exc})"
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"device out of memory: {exc}"
+    if isinstance(exc, DeviceOutOfMemory):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, PrefixNotHeld):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ModelError):

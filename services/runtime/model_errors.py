@@ -11,3 +11,8 @@ class PrefixNotHeld(RuntimeError):
 class ModelError(RuntimeError):
     """A forward pass failed for a reason other than cancellation or device memory; the message names
     the model, the sequence length and the cause."""
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """The device ran out of memory for a forward pass: an overload (the caller may retry elsewhere or
+    later), not a broken service."""
