@@ -86,7 +86,8 @@ async def _orchestrator(n: int, s: WindowCpuSettings, incremental: bool) -> floa
             return None
 
     pool = TargetPool(["bench:1"], health_interval_s=3600, incremental=incremental)
-    inst = pool.instances["bench:1"]
+    inst = pool.targets.get("bench:1")
+    assert inst is not None
     inst.healthy = True
     inst.stub = Stub()  # type: ignore[assignment]
     sampling = common_pb2.SamplingParams()

@@ -87,7 +87,7 @@ def check_vocabularies(target: common_pb2.ModelInfo, drafter: common_pb2.ModelIn
 
 async def _target_info(pool: TargetPool) -> common_pb2.ModelInfo:
     infos = []
-    for inst in pool.instances.values():
+    for inst in pool.targets.all():
         if inst.healthy:
             resp = await inst.stub.Info(target_pb2.TargetInfoRequest(), timeout=10.0)
             infos.append(resp.model)

@@ -108,7 +108,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer, Cl
         self.target_model = target_model
         self.drafter_model = drafter_model
         self.drafter_address = drafter_address
-        for address in orchestrator.pool.instances:  # labels in the order the targets were configured
+        for address in orchestrator.pool.addresses:  # labels in the order the targets were configured
             self.target_name(address)
 
     def _ready(self) -> Orchestrator:
@@ -125,7 +125,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer, Cl
         if isinstance(exc, Unavailable):
             if self.orchestrator is None:
                 return STARTING
-            instances = list(self.orchestrator.pool.instances.values())
+            instances = self.orchestrator.pool.snapshot()
             healthy = sum(1 for i in instances if i.healthy)
             return f"no target instance reachable ({healthy} of {len(instances)} healthy); retry later"
         if isinstance(exc, grpc.aio.AioRpcError):
@@ -165,6 +165,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer, Cl
         )
         if self.drafter_model is not None:
             msg.drafter_model.CopyFrom(self.drafter_model if internals else public_model_info(self.drafter_model))
-        for inst in o.pool.instances.values():
+        for inst in o.pool.snapshot():
             msg.targets.add(address=self.target_name(inst.address), healthy=inst.healthy, in_flight=int(inst.busy))
         return msg

@@ -144,7 +144,8 @@ def test_the_check_catches_a_forbidden_import(module: str, source: str) -> None:
 
 def test_allowed_imports_pass_the_check() -> None:
     for module, source in [
-        ("services.orchestrator.pool", "from dsi.v1 import target_pb2\nfrom services.runtime.errors import Unavailable\n"),
+        ("services.orchestrator.pool", "from dsi.v1 import target_pb2\n"
+                                       "from services.runtime.errors import Unavailable\n"),
         ("services.target.engine", "import torch\nfrom services.model.sampling import coupled_choice\n"),
         ("dsi.cli", "from services.orchestrator.settings import add_arguments\n"),
         ("services.orchestrator.tokenizer", "def f():\n    from transformers import AutoTokenizer\n"),

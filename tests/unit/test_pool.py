@@ -22,16 +22,16 @@ def window(session: str, tokens: list[int], rank: int, request_seq: int) -> Wind
 def test_waiting_windows_are_served_critical_path_first_then_oldest_request() -> None:
     async def main() -> list[str]:
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
-        inst = pool.instances["127.0.0.1:1"]
+        inst = pool.targets.get("127.0.0.1:1")
         inst.healthy = True
-        holder = await pool._acquire(window("busy", [1], 0, 0))
+        holder = await pool.placement.acquire(window("busy", [1], 0, 0))
         order: list[str] = []
 
         async def wait(name: str, w: WindowRequest) -> None:
-            got = await pool._acquire(w)
+            got = await pool.placement.acquire(w)
             order.append(name)
             await asyncio.sleep(0)
-            pool._release(got)
+            pool.placement.release(got)
 
         tasks = [
             asyncio.ensure_future(wait("speculative-old", window("a", [1], 2, 0))),
@@ -41,7 +41,7 @@ def test_waiting_windows_are_served_critical_path_first_then_oldest_request() ->
         ]
         await asyncio.sleep(0.01)
         assert order == []  # all wait for the only instance
-        pool._release(holder)
+        pool.placement.release(holder)
         await asyncio.gather(*tasks)
         await pool.close()
         return order
@@ -52,11 +52,11 @@ def test_waiting_windows_are_served_critical_path_first_then_oldest_request() ->
 def test_free_instance_with_the_longest_cached_prefix_is_preferred() -> None:
     async def main() -> str:
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
-        for inst in pool.instances.values():
+        for inst in pool.targets.all():
             inst.healthy = True
-        pool.instances["127.0.0.1:2"].sessions["s"] = Held([1, 2, 3, 4], 0, 4)
-        pool.instances["127.0.0.1:1"].sessions["s"] = Held([1, 2], 0, 2)
-        got = await pool._acquire(window("s", [1, 2, 3, 4, 5], 0, 0))
+        pool.targets.get("127.0.0.1:2").sessions["s"] = Held([1, 2, 3, 4], 0, 4)
+        pool.targets.get("127.0.0.1:1").sessions["s"] = Held([1, 2], 0, 2)
+        got = await pool.placement.acquire(window("s", [1, 2, 3, 4, 5], 0, 0))
         await pool.close()
         return got.address
 
@@ -66,13 +66,13 @@ def test_free_instance_with_the_longest_cached_prefix_is_preferred() -> None:
 def test_a_cancelled_waiter_does_not_leak_the_instance() -> None:
     async def main() -> bool:
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
-        inst = pool.instances["127.0.0.1:1"]
+        inst = pool.targets.get("127.0.0.1:1")
         inst.healthy = True
-        holder = await pool._acquire(window("x", [1], 0, 0))
-        waiter = asyncio.ensure_future(pool._acquire(window("y", [1], 1, 1)))
+        holder = await pool.placement.acquire(window("x", [1], 0, 0))
+        waiter = asyncio.ensure_future(pool.placement.acquire(window("y", [1], 1, 1)))
         await asyncio.sleep(0)
         waiter.cancel()
-        pool._release(holder)
+        pool.placement.release(holder)
         await asyncio.sleep(0)
         free_again = not inst.busy
         await pool.close()
@@ -132,7 +132,7 @@ def test_a_session_is_released_on_every_instance_that_was_sent_a_window() -> Non
     async def main() -> dict[str, list[str]]:
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
         stubs = {"127.0.0.1:1": _FakeStub(delay=10.0), "127.0.0.1:2": _FakeStub(delay=0.0)}
-        for address, inst in pool.instances.items():
+        for address, inst in ((i.address, i) for i in pool.targets.all()):
             inst.healthy = True
             inst.stub = stubs[address]  # type: ignore[assignment]
         sampling = common_pb2.SamplingParams()
@@ -156,23 +156,23 @@ def test_a_waiting_window_that_becomes_critical_moves_ahead_of_newer_requests() 
 
     async def main() -> list[str]:
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
-        pool.instances["127.0.0.1:1"].healthy = True
-        holder = await pool._acquire(window("busy", [1], 0, 0))
+        pool.targets.get("127.0.0.1:1").healthy = True
+        holder = await pool.placement.acquire(window("busy", [1], 0, 0))
         order: list[str] = []
         old_speculative = window("old", [1], 2, 1)
 
         async def wait(name: str, w: WindowRequest) -> None:
-            got = await pool._acquire(w)
+            got = await pool.placement.acquire(w)
             order.append(name)
             await asyncio.sleep(0)
-            pool._release(got)
+            pool.placement.release(got)
 
         tasks = [asyncio.ensure_future(wait("old", old_speculative)),
                  asyncio.ensure_future(wait("new-critical", window("new", [1], 0, 7)))]
         await asyncio.sleep(0.01)
         pool.reprioritize(old_speculative, 0)
         pool.reprioritize(old_speculative, 1)  # a higher rank never demotes it again
-        pool._release(holder)
+        pool.placement.release(holder)
         await asyncio.gather(*tasks)
         await pool.close()
         return order
@@ -199,18 +199,18 @@ def test_a_window_on_an_instance_marked_down_is_resent_at_once() -> None:
     async def main() -> tuple[list[int], int, float]:
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
         hung, good = _HungStub(), _FakeStub(delay=0.0)
-        pool.instances["127.0.0.1:1"].stub = hung  # type: ignore[assignment]
-        pool.instances["127.0.0.1:2"].stub = good  # type: ignore[assignment]
-        for inst in pool.instances.values():
+        pool.targets.get("127.0.0.1:1").stub = hung  # type: ignore[assignment]
+        pool.targets.get("127.0.0.1:2").stub = good  # type: ignore[assignment]
+        for inst in pool.targets.all():
             inst.healthy = True
-        pool.instances["127.0.0.1:2"].busy = True  # the window goes to the hung one first
+        pool.targets.get("127.0.0.1:2").busy = True  # the window goes to the hung one first
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         task = asyncio.ensure_future(pool.verify(window("s", [1, 2], 0, 0), common_pb2.SamplingParams(), "r"))
         await asyncio.sleep(0.05)
         assert len(hung.calls) == 1 and not task.done()
-        pool.instances["127.0.0.1:2"].busy = False
-        pool._mark_down(pool.instances["127.0.0.1:1"], "health check timed out")  # what the health loop does
+        pool.targets.get("127.0.0.1:2").busy = False
+        pool.targets.mark_down(pool.targets.get("127.0.0.1:1"), "health check timed out")  # what the health loop does
         result = await asyncio.wait_for(task, timeout=5)
         await pool.close()
         return result.token_ids, result.retries, loop.time() - t0
@@ -223,18 +223,18 @@ def test_queue_depth_counts_only_live_waiters() -> None:
     async def main() -> tuple[float, float]:
         metrics = OrchestratorMetrics()
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=60, metrics=metrics)
-        pool.instances["127.0.0.1:1"].healthy = True
-        holder = await pool._acquire(window("busy", [1], 0, 0))
-        waiters = [asyncio.ensure_future(pool._acquire(window(f"w{i}", [1], 1, i))) for i in range(200)]
+        pool.targets.get("127.0.0.1:1").healthy = True
+        holder = await pool.placement.acquire(window("busy", [1], 0, 0))
+        waiters = [asyncio.ensure_future(pool.placement.acquire(window(f"w{i}", [1], 1, i))) for i in range(200)]
         await asyncio.sleep(0)
         for w in waiters[:150]:
             w.cancel()
         await asyncio.gather(*waiters[:150], return_exceptions=True)
         depth = metrics.registry.get_sample_value("dsi_target_queue_depth")
-        heap = len(pool._waiters)
-        pool._release(holder)
+        heap = len(pool.placement._waiters)
+        pool.placement.release(holder)
         for w in waiters[150:]:
-            pool._release(await w)
+            pool.placement.release(await w)
         await pool.close()
         return depth, heap
 
@@ -255,17 +255,17 @@ def test_the_orchestrator_reports_not_serving_while_no_target_is_healthy() -> No
 
     async def main() -> list[bool]:
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
-        for inst in pool.instances.values():
+        for inst in pool.targets.all():
             inst.healthy = True
         server = FakeServer()
         pool.on_change = _health_follows_targets(server)  # type: ignore[arg-type]
-        pool._mark_down(pool.instances["127.0.0.1:1"], "gone")
+        pool.targets.mark_down(pool.targets.get("127.0.0.1:1"), "gone")
         await asyncio.sleep(0)
         assert server.statuses == []  # one target left: still serving
-        pool._mark_down(pool.instances["127.0.0.1:2"], "gone")
+        pool.targets.mark_down(pool.targets.get("127.0.0.1:2"), "gone")
         await asyncio.sleep(0)
-        pool.instances["127.0.0.1:2"].healthy = True
-        pool._signal()  # what a health check that sees it back does
+        pool.targets.get("127.0.0.1:2").healthy = True
+        pool.targets._signal()  # what a health check that sees it back does
         await asyncio.sleep(0)
         await pool.close()
         return server.statuses
@@ -297,17 +297,17 @@ def test_the_health_loop_survives_a_target_removed_while_it_is_checked() -> None
     async def main() -> tuple[bool, bool]:
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=0.05)
         hanging = HangingHealth()
-        pool.instances["127.0.0.1:1"].health = hanging  # type: ignore[assignment]
-        pool._health_task = asyncio.ensure_future(pool._health_loop())
+        pool.targets.get("127.0.0.1:1").health = hanging  # type: ignore[assignment]
+        pool.targets._health_task = asyncio.ensure_future(pool.targets._health_loop())
         await asyncio.sleep(0.1)
         assert hanging.calls  # a check is pending on the instance
         pool.set_addresses(["127.0.0.1:2"])
-        pool.instances["127.0.0.1:2"].health = ServingHealth()  # type: ignore[assignment]
+        pool.targets.get("127.0.0.1:2").health = ServingHealth()  # type: ignore[assignment]
         for call in hanging.calls:  # the removed instance's channel closes under the pending check
             call.cancel()
         await asyncio.sleep(0.3)
-        alive = not pool._health_task.done()
-        healthy = pool.instances["127.0.0.1:2"].healthy
+        alive = not pool.targets._health_task.done()
+        healthy = pool.targets.get("127.0.0.1:2").healthy
         await pool.close()
         return alive, healthy
 
@@ -331,7 +331,7 @@ class _SessionStub(_FakeStub):
 
 def _one_instance_pool(stub: _FakeStub) -> TargetPool:
     pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
-    inst = pool.instances["127.0.0.1:1"]
+    inst = pool.targets.get("127.0.0.1:1")
     inst.healthy = True
     inst.stub = stub  # type: ignore[assignment]
     return pool
@@ -405,7 +405,7 @@ def test_preemption_stops_the_newest_requests_speculation_first() -> None:
     async def main() -> None:
         stub = _SessionStub({"old": 0.3, "new": 0.3, "crit": 0.01})
         pool = TargetPool(["127.0.0.1:1", "127.0.0.1:2"], health_interval_s=60)
-        for inst in pool.instances.values():
+        for inst in pool.targets.all():
             inst.healthy = True
             inst.stub = stub  # type: ignore[assignment]
         sampling = common_pb2.SamplingParams()
@@ -531,23 +531,23 @@ def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int
     from services.runtime.prefixes import PrefixHashes
 
     pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
-    for inst in pool.instances.values():
+    for inst in pool.targets.all():
         inst.healthy = True
         if stub is not None:
             inst.stub = stub  # type: ignore[assignment]
     tokens = [t % 250 + 1 for t in range(600)]
-    pool._committed["s"] = PrefixHashes(tokens)
-    pool.instances["A:1"].sessions["s"] = Held(tokens, 600, 600)
+    pool.placement.committed["s"] = PrefixHashes(tokens)
+    pool.targets.get("A:1").sessions["s"] = Held(tokens, 600, 600)
     return pool, tokens
 
 
 def _occupy(pool: TargetPool, address: str, session: str, rank: int = 0) -> None:
     """Mark the instance as running a window of another session (as verify does)."""
-    from services.orchestrator.pool import _Running
+    from services.orchestrator.placement import Running
 
-    inst = pool.instances[address]
+    inst = pool.targets.get(address)
     inst.busy = True
-    inst.running = _Running(window(session, [1], rank, 0), rank, 0.0, asyncio.get_running_loop().create_future())
+    inst.running = Running(window(session, [1], rank, 0), rank, 0.0, asyncio.get_running_loop().create_future())
 
 
 def test_speculation_does_not_prefill_cold_under_load() -> None:
@@ -559,14 +559,14 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
         pool, tokens = _placement_pool()
         _occupy(pool, "A:1", "other")
         _occupy(pool, "C:1", "other")
-        pool.headroom = 0
+        pool.placement.headroom = 0
         assert pool.spare() == 1 and pool.spare("s") == 0  # B is idle, but cold for "s"
         spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
-        task = asyncio.ensure_future(pool._acquire(spec))
+        task = asyncio.ensure_future(pool.placement.acquire(spec))
         await asyncio.sleep(0.01)
-        assert not task.done() and not pool.instances["B:1"].busy
-        pool.instances["A:1"].running = None
-        pool._release(pool.instances["A:1"])
+        assert not task.done() and not pool.targets.get("B:1").busy
+        pool.targets.get("A:1").running = None
+        pool.placement.release(pool.targets.get("A:1"))
         assert (await task).address == "A:1"
         await pool.close()
 
@@ -579,7 +579,7 @@ def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
         _occupy(pool, "A:1", "s", rank=0)  # its own critical window
         assert pool.spare("s") == 2
         spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
-        assert (await pool._acquire(spec)).address in ("B:1", "C:1")
+        assert (await pool.placement.acquire(spec)).address in ("B:1", "C:1")
         await pool.close()
 
     asyncio.run(main())
@@ -598,17 +598,17 @@ def test_under_load_a_critical_window_takes_a_warm_instance_from_speculation() -
         spec = WindowRequest("s", tokens + [5, 6, 7, 8, 9, 1, 2, 3], 604, 1, 1, committed=600)
         spec_task = asyncio.ensure_future(pool.verify(spec, sampling, "s"))
         await asyncio.sleep(0.02)
-        assert pool.instances["A:1"].running is not None  # the speculative window holds warm A
+        assert pool.targets.get("A:1").running is not None  # the speculative window holds warm A
         critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        got = await pool._acquire(critical)
+        got = await pool.placement.acquire(critical)
         assert got.address == "A:1" and loop.time() - t0 < 0.2
-        assert not pool.instances["B:1"].busy  # no cold prefill
+        assert not pool.targets.get("B:1").busy  # no cold prefill
         assert spec.timing.preempted == 1
-        pool._release(got)
-        pool.instances["C:1"].running = None
-        pool._release(pool.instances["C:1"])
+        pool.placement.release(got)
+        pool.targets.get("C:1").running = None
+        pool.placement.release(pool.targets.get("C:1"))
         await spec_task  # runs again once an instance it may use is free
         await pool.close()
 
@@ -622,16 +622,16 @@ def test_a_short_sequence_is_warm_everywhere() -> None:
 
     async def main() -> None:
         pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
-        for inst in pool.instances.values():
+        for inst in pool.targets.all():
             inst.healthy = True
         tokens = list(range(1, COLD_TOKENS))
-        pool._committed["s"] = PrefixHashes(tokens)
-        pool.instances["A:1"].sessions["s"] = Held(tokens, len(tokens), len(tokens))
+        pool.placement.committed["s"] = PrefixHashes(tokens)
+        pool.targets.get("A:1").sessions["s"] = Held(tokens, len(tokens), len(tokens))
         _occupy(pool, "A:1", "other")
         assert pool.spare() == 2
         # B and C have never seen it, yet are not cold for it; one stays free for "other" (headroom).
         assert pool.spare("s") == 1
-        pool.headroom = 0
+        pool.placement.headroom = 0
         assert pool.spare("s") == 2
         await pool.close()
 

@@ -27,6 +27,7 @@ from services.orchestrator.scheduler import CommittedToken, Source
 from services.orchestrator.server import naming_resolver
 from services.orchestrator.service import Chunk
 from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.targets import TargetSnapshot
 from services.runtime import auth
 from services.runtime.auth import UNAUTHENTICATED_MESSAGE, ApiKeyError, ApiKeyInterceptor, ApiKeys, bearer_token
 from services.runtime.disclosure import BUILTIN_NAME, EndpointLabels, public_model_name
@@ -237,7 +238,8 @@ TARGET_ADDRESSES = ["10.1.2.3:50061", "10.1.2.4:50061"]
 
 
 def _attached(expose_internals: bool, failure: Exception | None) -> OrchestratorServicer:
-    instances = {a: SimpleNamespace(address=a, healthy=i == 0, busy=False) for i, a in enumerate(TARGET_ADDRESSES)}
+    snapshot = [TargetSnapshot(a, healthy=i == 0, busy=False, busy_s=0.0, last_error="", sessions=0)
+                for i, a in enumerate(TARGET_ADDRESSES)]
 
     async def generate(params: Any) -> AsyncIterator[Chunk]:
         if failure is not None:
@@ -246,7 +248,8 @@ def _attached(expose_internals: bool, failure: Exception | None) -> Orchestrator
 
     fake = SimpleNamespace(limits=GenerateLimits(vocab_size=100, max_new_tokens=8, max_prompt_tokens=64,
                                                  max_lookahead=8, default_lookahead=3),
-                           pool=SimpleNamespace(instances=instances), generate=generate)
+                           pool=SimpleNamespace(addresses=list(TARGET_ADDRESSES), snapshot=lambda: snapshot),
+                           generate=generate)
     servicer = OrchestratorServicer(expose_internals)
     model = common_pb2.ModelInfo(model="/srv/models/secret-target", vocab_size=100)
     drafter = common_pb2.ModelInfo(model="/srv/models/secret-drafter", vocab_size=100)

@@ -1,0 +1,336 @@
+"""Placement: which window gets which target instance, and when.
+
+One window at a time per instance; waiting windows queue by rank (0 = a request's critical path),
+then by request age. Speculation yields: when a critical window has to wait, a running speculative
+window (rank >= 1) is preempted, the most speculative first: its forward is cancelled on the target
+(a real cancel, the session cache restored) and the window goes back to the queue with its rank.
+
+Affinity: a window prefers the instance that holds the most of its sequence, by the records of
+what each instance holds (``Held``, by reference to the last window it verified there, and the
+request's committed prefix hashes), so working that out costs the window's uncommitted tail. Where a
+window would first compute more than COLD_TOKENS tokens (a *cold* instance: a long prompt's
+prefill) it goes only onto capacity nobody else needs: a speculative window does not start a cold
+prefill while an instance is warm for its request (unless no other request uses the pool), and
+under load a critical window takes a warm instance from speculation rather than prefill cold."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.scheduler import WindowRequest
+from services.orchestrator.targets import Held, TargetInstance, Targets
+from services.runtime.errors import Unavailable
+from services.runtime.prefixes import PrefixHashes, common_prefix_len
+
+# A window that would first compute more than this many tokens on an instance (to catch its cache
+# up to the first scored position) is cold there: a prefill, placed only on capacity nobody needs.
+# Up to a few hundred tokens cost a GPU forward about what one token does (it is memory-bound).
+COLD_TOKENS = 256
+# Sessions whose holdings the placement remembers per instance (least recently used dropped).
+HELD_PER_INSTANCE = 1024
+
+
+class Preempted(Exception):
+    """A critical window needed the instance running this speculative one."""
+
+
+@dataclass
+class Running:
+    """The window an instance is computing, its rank now, and the signal that preempts it."""
+
+    window: WindowRequest
+    rank: int
+    started: float
+    preempt: asyncio.Future[None]
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: tuple[int, int, int]
+    future: asyncio.Future[TargetInstance] = field(compare=False)
+    request: WindowRequest = field(compare=False)
+
+
+def held_prefix(inst: TargetInstance, window: WindowRequest) -> int:
+    """How many leading tokens of the window the instance's cache holds (by the records). Both
+    sequences start with the request's committed tokens up to the shorter committed length, so only
+    what follows is compared: the cost is the windows' tails, not the sequence."""
+    held = inst.sessions.get(window.session_id)
+    if held is None:
+        return 0
+    common = common_prefix_len(held.tokens, window.token_ids, min(held.committed, window.committed, held.length))
+    return min(common, held.length)
+
+
+class Placement:
+    """The queue of windows waiting for an instance, preemption, and affinity."""
+
+    def __init__(
+        self,
+        targets: Targets,
+        cold_tokens: int = COLD_TOKENS,
+        headroom: int = 1,
+        metrics: OrchestratorMetrics | None = None,
+    ) -> None:
+        self.targets = targets
+        # More tokens than this to catch up on an instance = a cold prefill there.
+        self.cold_tokens = cold_tokens
+        # Idle instances speculation leaves to other requests' critical windows while they run.
+        self.headroom = headroom
+        self.metrics = metrics
+        # Session id -> hashes of its committed prefix so far (it only grows).
+        self.committed: dict[str, PrefixHashes] = {}
+        self._waiters: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._live_waiters = 0  # waiters not yet served nor cancelled (the heap also holds dead ones)
+        # Rank now of each window being verified (id of its WindowRequest): reprioritize moves it up.
+        self._ranks: dict[int, int] = {}
+        targets.on_membership = self._hand_off
+
+    # -- the records of what instances hold ------------------------------------------------------
+
+    def track(self, window: WindowRequest) -> None:
+        """A window starts being verified: its committed prefix is recorded, its rank followed."""
+        hashes = self.committed.setdefault(window.session_id, PrefixHashes())
+        if len(hashes) < window.committed:
+            hashes.append(window.token_ids[len(hashes) : window.committed])
+        self._ranks[id(window)] = window.rank
+
+    def untrack(self, window: WindowRequest) -> None:
+        del self._ranks[id(window)]
+
+    def rank(self, window: WindowRequest) -> int:
+        return self._ranks.get(id(window), window.rank)
+
+    def verified(self, inst: TargetInstance, window: WindowRequest) -> None:
+        """The instance verified the window: its cache holds the window's sequence."""
+        inst.sessions[window.session_id] = Held(window.token_ids, window.committed, len(window.token_ids))
+        inst.sessions.move_to_end(window.session_id)
+        while len(inst.sessions) > HELD_PER_INSTANCE:
+            inst.sessions.popitem(last=False)
+
+    def forget(self, session_id: str) -> list[TargetInstance]:
+        """Drop a finished session's records; the instances that held it."""
+        self.committed.pop(session_id, None)
+        return [i for i in self.targets.all() if i.sessions.pop(session_id, None) is not None]
+
+    def spare(self, session_id: str | None = None) -> int:
+        """Healthy instances idle now that no waiting window will take. For a session's speculation,
+        while other requests use the pool: only those warm for it (when any instance is), and less
+        a headroom of ``headroom`` instances kept for the other requests' critical windows (one
+        they would otherwise have to preempt speculation for)."""
+        free = self._free()
+        spare = len(free) - self._live_waiters
+        if session_id is not None and free and not self._quiet(session_id):
+            warm = [i for i in self.targets.all() if i.healthy and self._warm(i, session_id)]
+            if warm:
+                free = [i for i in free if i in warm]
+            spare = min(len(free) - self._live_waiters, spare - self.headroom)
+        return max(0, spare)
+
+    def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
+        """A call for the window failed or was cancelled on the instance: its cache now holds at most
+        what both the record and the window start with, up to the first position scored (a cancelled
+        forward is cut back there), or, with fixed-shape chunks, to an unknown chunk boundary."""
+        held = inst.sessions.get(window.session_id)
+        if held is None:
+            return
+        if chunked:
+            del inst.sessions[window.session_id]
+            return
+        length = min(held_prefix(inst, window), window.first_position - 1)
+        inst.sessions[window.session_id] = Held(held.tokens, min(held.committed, length), length)
+
+    # -- placement -------------------------------------------------------------------------------
+
+    def _warm(self, inst: TargetInstance, session_id: str) -> bool:
+        """The instance computes a window of the session now, or lacks at most COLD_TOKENS of its
+        committed sequence."""
+        if inst.running is not None and inst.running.window.session_id == session_id:
+            return True
+        held = inst.sessions.get(session_id)
+        committed = self.committed.get(session_id)
+        return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= self.cold_tokens
+
+    def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
+        return window.first_position - 1 - held_prefix(inst, window) > self.cold_tokens
+
+    def _quiet(self, session_id: str) -> bool:
+        """No other request has a window running or waiting: idle capacity is this one's to use."""
+        return all(
+            i.running is None or i.running.window.session_id == session_id for i in self.targets.all()
+        ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
+
+    def _may_run(self, inst: TargetInstance, window: WindowRequest, rank: int) -> bool:
+        """A critical window runs anywhere; a speculative one starts a cold prefill only when no
+        instance is warm for its request or no other request uses the pool."""
+        if rank == 0 or not self._cold(inst, window) or self._quiet(window.session_id):
+            return True
+        return not any(i.healthy and self._warm(i, window.session_id) for i in self.targets.all())
+
+    def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
+        """A warm instance for the window running a speculative window that may be preempted."""
+        victims = [
+            i for i in self.targets.all()
+            if i.healthy and i.reserved is None and i.running is not None and i.running.rank > 0
+            and not i.running.preempt.done() and not self._cold(i, window)
+        ]
+        return max(victims, key=lambda i: held_prefix(i, window), default=None)
+
+    async def _take_over(self, victim: TargetInstance) -> TargetInstance | None:
+        """Preempt the victim's speculative window and get its instance when the call ends (None if it
+        went down meanwhile)."""
+        assert victim.running is not None
+        reserved: asyncio.Future[TargetInstance | None] = asyncio.get_running_loop().create_future()
+        victim.reserved = reserved
+        victim.running.preempt.set_result(None)
+        try:
+            return await reserved
+        except asyncio.CancelledError:
+            got = reserved.result() if reserved.done() and not reserved.cancelled() else None
+            if got is not None:
+                self.release(got)
+            raise
+
+    def _best(self, free: list[TargetInstance], request: WindowRequest) -> TargetInstance:
+        """The free instance whose cache holds the longest prefix of the window (then the least used)."""
+        return max(free, key=lambda i: (held_prefix(i, request), -i.busy_s))
+
+    def _free(self) -> list[TargetInstance]:
+        return [i for i in self.targets.all() if i.healthy and not i.busy]
+
+    def _hand_off(self) -> None:
+        """Give free instances to waiting windows, in queue order; a speculative window that may not
+        start a cold prefill on any free instance keeps waiting, and the next one is served."""
+        while self._waiters:
+            free = self._free()
+            if not free:
+                return
+            while self._waiters and self._waiters[0].future.done():
+                heapq.heappop(self._waiters)
+            if not self._waiters:
+                return
+            pick = self._first_that_may_run(free)
+            if pick is None:
+                return
+            waiter, choices = pick
+            if waiter is self._waiters[0]:
+                heapq.heappop(self._waiters)
+            else:
+                self._waiters.remove(waiter)
+                heapq.heapify(self._waiters)
+            inst = self._best(choices, waiter.request)
+            inst.busy = True
+            waiter.future.set_result(inst)
+
+    def _first_that_may_run(self, free: list[TargetInstance]) -> tuple[_Waiter, list[TargetInstance]] | None:
+        """The first waiter in queue order that may run on one of the free instances, and those."""
+        first = self._waiters[0]
+        choices = [i for i in free if self._may_run(i, first.request, first.priority[0])]
+        if choices:
+            return first, choices
+        for waiter in sorted(w for w in self._waiters[1:] if not w.future.done()):
+            choices = [i for i in free if self._may_run(i, waiter.request, waiter.priority[0])]
+            if choices:
+                return waiter, choices
+        return None
+
+    async def acquire(self, request: WindowRequest) -> TargetInstance:
+        """An instance for the window, once its turn comes (``release`` it after the call)."""
+        interval = self.targets.health_interval_s
+        grace = time.monotonic() + max(2.0, 3 * interval)
+        while self.targets.healthy_count() == 0:
+            if time.monotonic() > grace:
+                raise Unavailable(self.targets.unavailable_message())
+            await self.targets.wait_for_change(interval)
+        rank = self.rank(request)
+        free = self._free()
+        choices = [i for i in free if self._may_run(i, request, rank)] if free and not self._waiters else []
+        if choices:
+            inst = self._best(choices, request)
+            if rank == 0 and self._cold(inst, request) and not self._quiet(request.session_id):
+                # Rather than prefill cold under load, take a warm instance from speculation.
+                victim = self._warm_victim(request)
+                if victim is not None:
+                    got = await self._take_over(victim)
+                    return got if got is not None else await self.acquire(request)
+            inst.busy = True
+            return inst
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter((rank, request.request_seq, next(self._seq)), loop.create_future(), request)
+        heapq.heappush(self._waiters, waiter)
+        self._live_waiters += 1
+        self._report_queue()
+        if rank == 0:
+            self._preempt_for_critical()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result())
+            raise
+        finally:
+            self._live_waiters -= 1
+            # Cancelled waiters stay in the heap until popped; drop them once they are the majority.
+            if len(self._waiters) > 2 * self._live_waiters + 64:
+                self._waiters = [w for w in self._waiters if not w.future.done()]
+                heapq.heapify(self._waiters)
+            self._report_queue()
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._live_waiters)
+
+    def reprioritize(self, request: WindowRequest, rank: int) -> None:
+        """Give a window its new rank: a waiting one takes its place in the queue (and may preempt
+        speculation if it became critical); a running one is no longer preempted as it was."""
+        key = id(request)
+        if key in self._ranks:
+            if rank >= self._ranks[key]:
+                return
+            self._ranks[key] = rank
+        for inst in self.targets.all():
+            if inst.running is not None and inst.running.window is request:
+                inst.running.rank = min(rank, inst.running.rank)
+                return
+        for waiter in self._waiters:
+            if waiter.request is request and not waiter.future.done():
+                if rank >= waiter.priority[0]:
+                    return
+                waiter.priority = (rank, *waiter.priority[1:])
+                heapq.heapify(self._waiters)
+                if rank == 0:
+                    self._preempt_for_critical()
+                return
+
+    def _preempt_for_critical(self) -> None:
+        """Preempt running speculative windows, the most speculative first (then the newest
+        request's, then the latest started: the queue's order backwards), until every waiting
+        critical window has an instance coming."""
+        critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
+        running = [i.running for i in self.targets.all() if i.healthy and i.running is not None]
+        # Instances already on their way (not those a critical window has taken over).
+        critical -= sum(1 for i in self.targets.all()
+                        if i.healthy and i.running is not None and i.running.preempt.done() and i.reserved is None)
+        victims = sorted((r for r in running if r.rank > 0 and not r.preempt.done()),
+                         key=lambda r: (r.rank, r.window.request_seq, r.started), reverse=True)
+        for victim in victims[: max(0, critical)]:
+            victim.preempt.set_result(None)
+
+    def release(self, inst: TargetInstance) -> None:
+        inst.busy = False
+        if inst.removed:
+            self.targets.close_channel(inst)
+        reserved, inst.reserved = inst.reserved, None
+        if reserved is not None and not reserved.done():
+            if inst.healthy and not inst.removed:
+                inst.busy = True
+                reserved.set_result(inst)
+            else:
+                reserved.set_result(None)  # it went down: the critical window queues as usual
+        self._hand_off()
