@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         env="DSI_SP_DEGREE",
         type=int,
         default=0,
-        help="windows in flight at once (0 = every healthy target)",
+        help="windows in flight at once (0 = the server's --sp-degree, by default every healthy target)",
     )
     add_flag(
         gen,

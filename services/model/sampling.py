@@ -1,4 +1,4 @@
-"""Lossless token choice and verification math (ARCHITECTURE.md section 4), pure torch.
+"""Lossless token choice and verification math, pure torch (docs/architecture.md, "Lossless sampling").
 
 Terms:
 - *position* j: absolute index in the token sequence (prompt included) of the token being chosen.

@@ -3,7 +3,7 @@ dispatches now, and which of its drafts are urgent. The scheduler (``scheduler.p
 snapshot of one request's epoch and of the load on the shared targets; unit tests feed them
 scripted snapshots.
 
-Speculation spends only capacity nobody else needs (ARCHITECTURE.md section 3, "under load"):
+Speculation spends only capacity nobody else needs (docs/architecture.md, "A request, end to end"):
 
 - The request's *critical* window (rank 0: it computes the first undecided position) goes out as
   soon as it carries ``lookahead`` drafts, or every draft it will ever get. A shorter critical

@@ -1,4 +1,4 @@
-"""The DSI scheduler (ARCHITECTURE.md section 3) and the SI and non-SI baselines.
+"""The DSI scheduler (Timor et al., ICLR 2025; docs/architecture.md) and the SI and non-SI baselines.
 
 Pure asyncio: no torch, no grpc. It talks to a ``TargetClient`` (verifies windows, possibly on
 several target instances at once) and a ``DrafterClient`` (streams drafts), so unit tests run it
