@@ -87,7 +87,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             except Exception as exc:  # noqa: BLE001 - ends the call with its status (grpc_errors)
                 flow.fail(exc)
 
-        reader = asyncio.ensure_future(read_grants())
+        reader = asyncio.create_task(read_grants())
         try:
             async with contextlib.aclosing(flow.tokens()) as tokens:
                 async for token in tokens:
@@ -97,6 +97,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             raise
         finally:
             reader.cancel()
+            # Awaited: no task outlives its call (gather raises only if *this* task is cancelled).
+            await asyncio.gather(reader, return_exceptions=True)
 
     @grpc_errors
     async def Info(

@@ -99,7 +99,7 @@ class OrchestratorBackend:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         checkpoint = str(info.get("target_model", {}).get("model", ""))
-        self._chat = asyncio.ensure_future(self._load_chat_template(tokenizer_source(self.settings, checkpoint)))
+        self._chat = asyncio.create_task(self._load_chat_template(tokenizer_source(self.settings, checkpoint)))
         self.model = ServedModel(
             name=self.settings.served_model_name or served_name(checkpoint),
             max_new_tokens=int(info.get("max_new_tokens_limit", 0)),

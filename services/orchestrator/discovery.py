@@ -92,7 +92,7 @@ class TargetDiscovery:
 
     def start(self) -> None:
         if self.dynamic and self._task is None:
-            self._task = asyncio.ensure_future(self._loop())
+            self._task = asyncio.create_task(self._loop())
 
     async def _loop(self) -> None:
         while True:
@@ -102,7 +102,8 @@ class TargetDiscovery:
             except Exception:  # noqa: BLE001 - keep the last good set
                 log.exception("target re-resolution failed")
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None

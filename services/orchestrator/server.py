@@ -135,7 +135,7 @@ def _health_follows_targets(server: GrpcServer) -> Callable[[int], None]:
             return
         serving = healthy > 0
         log.warning("%s target healthy: reporting %s", healthy, "SERVING" if serving else "NOT_SERVING")
-        task = asyncio.ensure_future(server.set_status(serving))
+        task = asyncio.create_task(server.set_status(serving))
         pending.add(task)
         task.add_done_callback(pending.discard)
 
@@ -254,7 +254,7 @@ async def serve(settings: OrchestratorSettings) -> None:
         await server.server.stop(None)
         if orchestrator is not None:
             await orchestrator.close()
-        discovery.stop()
+        await discovery.stop()
         await pool.close()
         if drafter_channel is not None:
             await drafter_channel.close()

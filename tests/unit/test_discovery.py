@@ -189,7 +189,7 @@ def test_background_loop_follows_changes_and_survives_errors() -> None:
             table["targets"] = ["10.0.0.1", "10.0.0.2"]
             await asyncio.wait_for(changed.wait(), timeout=5.0)
         finally:
-            discovery.stop()
+            await discovery.stop()
         assert discovery._task is None
 
     asyncio.run(scenario())
