@@ -9,7 +9,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,20 +26,15 @@ PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:", "for i in range(10)
            "The quick brown", "while True:", "if __name__ =="]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Cluster:
     """3 targets (20 ms emulated) on fixed ports, an oracle drafter (the target model, 80% its greedy
     token, 3 ms), an orchestrator probing health every 0.25 s and giving a silent drafter up after 1 s."""
 
     def __init__(self, target_dir: Path, log_dir: Path) -> None:
         self.target_dir, self.log_dir = target_dir, log_dir
-        self.ports = [_free_port() for _ in range(3)]
-        self.targets: list[Service | None] = [self._target(p) for p in self.ports]
+        # Each target picks its port at start (--port 0); a restarted one comes back on the same port.
+        self.targets: list[Service | None] = [self._target(0) for _ in range(3)]
+        self.ports = [int(t.address.rsplit(":", 1)[1]) for t in self.targets if t is not None]
         self.drafter = start_service("drafter", ["--model", str(target_dir), "--threads", "1",
                                                  "--emulate-latency-ms", "3:3", "--oracle-acceptance", "0.8"], log_dir)
         self.orch = start_service("orchestrator", [
