@@ -155,6 +155,14 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="2x2 grid (c 0.1,0.5; a 0.6,0.95), 2 prompts, 24 tokens; explicit flags still win",
     )
+    add_flag(
+        p,
+        "--auto-lookahead",
+        env="DSI_BENCH_AUTO_LOOKAHEAD",
+        action="store_true",
+        help="also run DSI with the orchestrator's automatic lookahead (--lookahead auto) in every cell and "
+        "compare it with the simulator's best fixed lookahead (criterion: within 5%%)",
+    )
     p.set_defaults(func=_run)
     commands = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
     _register_precision(commands)
@@ -454,6 +462,7 @@ def _run(ns: argparse.Namespace) -> int:
         hf_threads=ns.hf_threads,
         cancel_trials=quick.get("cancel_trials", base.cancel_trials),
         quick=ns.quick,
+        auto_lookahead=ns.auto_lookahead,
     )
     errors = []
     if s.targets < 1:

@@ -79,6 +79,27 @@ def emulated_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def auto_table(result: dict[str, Any]) -> Table | None:
+    cells = [c for c in result["emulated"] if "auto" in c]
+    if not cells:
+        return None
+    table = Table(title="Automatic lookahead (--lookahead auto) vs the simulator's best fixed lookahead",
+                  title_justify="left", caption="auto/fixed: DSI ms/token with the server's choice over DSI's with "
+                  "the fixed lookahead; pass: <= 1.05 + noise", caption_justify="left")
+    for col in ("c", "a", "L fixed", "L auto", "auto tuned", "DSI fixed ms/tok", "DSI auto ms/tok", "auto/fixed",
+                "pass"):
+        table.add_column(col, justify="right")
+    for cell in cells:
+        auto = cell["auto"]
+        table.add_row(
+            f"{cell['c']:g}", f"{cell['a']:g}", str(cell["lookahead"]), str(auto["lookahead_chosen"]),
+            f"{sum(auto['auto_tuned'])}/{len(auto['auto_tuned'])}",
+            f"{cell['modes']['dsi']['ms_per_token']:.1f}", f"{auto['ms_per_token']:.1f}",
+            f"{auto['ratio_to_best_fixed']:.3f}", _pf(auto["pass"], True),
+        )
+    return table
+
+
 def overhead_table(result: dict[str, Any]) -> Table:
     o = result["overhead"]
     table = Table(title="Overhead", title_justify="left")
@@ -148,6 +169,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"DSI/SI >= 0.9 x simulator {s['dsi_vs_sim_pass']}/{s['cells_checked']} PASS"
             f" -> {'ALL PASS' if s['all_pass'] else 'SOME FAIL'}"
         )
+        if "auto_lookahead_cells" in s:
+            lines.append(f"automatic lookahead within 5% of the best fixed one: {s['auto_lookahead_pass']}/"
+                         f"{s['auto_lookahead_cells']} cells")
         for cell in result["emulated"]:
             if not cell["criteria_apply"]:
                 continue
@@ -176,6 +200,9 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     )
     if result["emulated"]:
         console.print(emulated_table(result))
+        auto = auto_table(result)
+        if auto is not None:
+            console.print(auto)
     if result["overhead"]:
         console.print(overhead_table(result))
     if result.get("real"):

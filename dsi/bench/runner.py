@@ -24,6 +24,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MODES = ("nonsi", "si", "dsi")
+# DSI with the server's automatic lookahead (``dsi bench --auto-lookahead``), and the criterion: its
+# ms/token at most AUTO_MAX x DSI's with the simulator's best fixed lookahead for the cell.
+AUTO_MODE = "dsi_auto"
+AUTO_MAX = 1.05
+AUTO_WARMUP = 10
 ORACLE_LABEL = "oracle drafter (controlled acceptance, benchmark only)"
 CORES_NOTE = (
     "the real-model run puts every target, the drafter and the orchestrator on the same CPU cores, so "
@@ -68,6 +73,8 @@ class BenchSettings:
     sim_runs: int = 200
     startup_timeout_s: float = 300.0
     quick: bool = False
+    # Also run DSI with the orchestrator's automatic lookahead (--lookahead auto) in every cell.
+    auto_lookahead: bool = False
 
     @property
     def prefill(self) -> float:
@@ -99,6 +106,8 @@ class ModeRun:
     new_tokens: list[int] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     drafter_streams: list[int] = field(default_factory=list)  # Draft calls the drafter received
+    lookahead: list[int] = field(default_factory=list)  # what the request ran with (auto: what was chosen)
+    auto_tuned: list[bool] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -121,6 +130,8 @@ class ModeRun:
             "ttft_ms": statistics.median(self.ttft_ms),
             "epochs": statistics.mean(self.epochs),
             "drafter_streams": statistics.mean(self.drafter_streams) if self.drafter_streams else None,
+            "lookahead": self.lookahead,
+            "auto_tuned": self.auto_tuned,
             "per_prompt_ms_per_token": self.ms_per_token,
             "new_tokens": self.new_tokens,
         }
@@ -133,28 +144,35 @@ def measure_modes(
     lookahead: int,
     sp: int,
     progress: ProgressFn = _noop,
+    auto: bool = False,
 ) -> dict[str, ModeRun]:
-    """Run every mode on every prompt (modes interleaved per prompt, so drift hits them alike)."""
+    """Run every mode on every prompt (modes interleaved per prompt, so drift hits them alike). With
+    ``auto`` (the server runs --lookahead auto), also DSI with lookahead 0, the server's choice, as
+    the run ``dsi_auto``; the server first measures over ``AUTO_WARMUP`` short requests."""
     from dsi.client import Client
 
-    runs = {m: ModeRun() for m in MODES}
+    modes: tuple[str, ...] = (*MODES, AUTO_MODE) if auto else MODES
+    runs = {m: ModeRun() for m in modes}
     with Client(address, timeout=600.0) as client:
         drafter_calls = _drafter_call_counter(client.info().get("drafter_address", ""))
         for mode in MODES:  # warm-up: sessions, connections, the tokenizer
             client.generate(prompts[0], max_new_tokens=4, mode=mode, lookahead=lookahead, sp_degree=sp, ignore_eos=True)
+        for i in range(AUTO_WARMUP if auto else 0):  # the automatic lookahead's measurements
+            client.generate(prompts[i % len(prompts)], max_new_tokens=16, mode="dsi", lookahead=lookahead,
+                            sp_degree=sp, ignore_eos=True, seed=i)
         for index, prompt in enumerate(prompts):
             # One seed per prompt, the same in every mode: the oracle drafter's accept/reject draw is
             # a function of (seed, position), so SI and DSI see the same acceptances (common random
             # numbers, as in the simulator) and their ratio is not blurred by acceptance noise.
             seed = 1000 + index
-            for mode in MODES:
+            for mode in modes:
                 calls_before = drafter_calls()
                 t0 = time.perf_counter()
                 res = client.generate(
                     prompt,
                     max_new_tokens=max_new_tokens,
-                    mode=mode,
-                    lookahead=lookahead,
+                    mode="dsi" if mode == AUTO_MODE else mode,
+                    lookahead=0 if mode == AUTO_MODE else lookahead,
                     sp_degree=sp,
                     ignore_eos=True,
                     seed=seed,
@@ -173,6 +191,8 @@ def measure_modes(
                 r.ttft_ms.append(float(s.get("ttft_s", 0.0)) * 1000)
                 r.new_tokens.append(len(res.token_ids))
                 r.epochs.append(int(s.get("epochs", 0)))
+                r.lookahead.append(int(s.get("lookahead", lookahead)))
+                r.auto_tuned.append(bool(s.get("auto_tuned", False)))
                 calls_after = drafter_calls()
                 if calls_before is not None and calls_after is not None:
                     r.drafter_streams.append(calls_after - calls_before)
@@ -275,7 +295,7 @@ def run_cell(pair: tuple[Path, Path], c: float, a: float, s: BenchSettings, prog
         emulate_target_ms=f"{s.prefill}:{s.target_ms}",
         emulate_drafter_ms=f"{drafter_ms}:{drafter_ms}",
         oracle_acceptance=a,
-        lookahead=lookahead,
+        lookahead=0 if s.auto_lookahead else lookahead,  # 0: --lookahead auto (requests give theirs)
         startup_timeout_s=s.startup_timeout_s,
     )
     cluster = LocalCluster(spec)
@@ -284,7 +304,8 @@ def run_cell(pair: tuple[Path, Path], c: float, a: float, s: BenchSettings, prog
     try:
         address = cluster.start()
         startup_s = time.perf_counter() - t0
-        runs = measure_modes(address, PROMPTS[: s.prompts], s.max_new_tokens, lookahead, sp, progress)
+        runs = measure_modes(address, PROMPTS[: s.prompts], s.max_new_tokens, lookahead, sp, progress,
+                             auto=s.auto_lookahead)
     finally:
         cluster.stop()
     return _cell_result(c, a, lookahead, sp, sim, runs, s, startup_s)
@@ -324,6 +345,15 @@ def _cell_result(
     cell["overhead_ms_per_window"] = statistics.median(overhead)
     cell["diagnosis"] = diagnose(c, a, lookahead, sp, t, cell["overhead_ms_per_window"], runs, s)
     cell.update(evaluate_cell(cell, sp))
+    if AUTO_MODE in runs:
+        auto, fixed = runs[AUTO_MODE], runs["dsi"]
+        ratio = auto.median / fixed.median
+        cell["auto"] = {
+            **auto.summary(),
+            "lookahead_chosen": max(set(auto.lookahead), key=auto.lookahead.count),
+            "ratio_to_best_fixed": ratio,
+            "pass": ratio <= AUTO_MAX + (auto.noise + fixed.noise) / fixed.median,
+        }
     return cell
 
 
@@ -567,7 +597,7 @@ def machine_info() -> dict[str, Any]:
 
 def total_steps(s: BenchSettings) -> int:
     """Progress steps: one per generate call, one per cluster start, one per cancel trial."""
-    per_cluster = 1 + len(MODES) * s.prompts
+    per_cluster = 1 + (len(MODES) + int(s.auto_lookahead)) * s.prompts
     steps = 0
     if not s.skip_emulated:
         steps += len(s.c_values) * len(s.a_values) * per_cluster if not s.address else len(MODES) * s.prompts
@@ -623,6 +653,13 @@ def run_bench(s: BenchSettings, progress: ProgressFn = _noop) -> dict[str, Any]:
         "dsi_vs_sim_pass": sum(c["dsi_vs_sim"]["pass"] for c in cells),
         "all_pass": all(c["dsi_fastest"]["pass"] and c["dsi_vs_sim"]["pass"] for c in cells),
     }
+    auto_cells = [c for c in result["emulated"] if "auto" in c]
+    if auto_cells:
+        result["summary"]["auto_lookahead_pass"] = sum(c["auto"]["pass"] for c in auto_cells)
+        result["summary"]["auto_lookahead_cells"] = len(auto_cells)
+        result["criteria"]["auto_lookahead"] = (
+            f"DSI with --lookahead auto: ms/token <= {AUTO_MAX} x DSI at the simulator's best fixed lookahead "
+            "+ noise (half-ranges), every cell")
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return result
 

@@ -4,7 +4,7 @@ as the scheduler grants them, cancelled for real."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -31,7 +31,10 @@ class GrpcDraftStream:
         start: drafter_pb2.DraftRequest,
         timeout: float,
         stall_s: float = 0.0,
+        on_gap: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_gap = on_gap  # told the time between two drafts the stream had credit for
+        self._last: float | None = None  # when the last draft arrived, if the stream had credit after it
         self._requests: asyncio.Queue[drafter_pb2.DraftFlowRequest | None] = asyncio.Queue()
         self._requests.put_nowait(drafter_pb2.DraftFlowRequest(start=start))
         self.call = stub.DraftFlow(self._outgoing(), timeout=timeout)
@@ -63,9 +66,14 @@ class GrpcDraftStream:
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
         try:
             async for msg in self.call:
+                now = self._loop.time()
+                if self._last is not None and self._on_gap is not None:
+                    self._on_gap(now - self._last)
                 self._credit -= 1
                 self._length += 1
-                self._progress = self._loop.time()
+                self._progress = now
+                # The next gap measures the drafter only if nothing else held the draft back.
+                self._last = now if self._credit > 0 and self._owes_urgent() else None
                 probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
                 yield Draft(msg.token_id, probs)
         except asyncio.CancelledError:
@@ -86,6 +94,7 @@ class GrpcDraftStream:
                 self._watchdog.cancel()
 
     def grant(self, n: int) -> None:
+        self._last = None  # the drafter may have waited for this credit
         if not self._owes_urgent():
             self._progress = self._loop.time()  # it was waiting for credit or urgency, not stalled
         self._credit += n
@@ -93,6 +102,7 @@ class GrpcDraftStream:
 
     def set_urgent(self, until: int) -> None:
         if until != self._urgent_until:
+            self._last = None  # it may have been held back as background work
             if not self._owes_urgent():
                 self._progress = self._loop.time()  # it may have been waiting as background work
             self._urgent_until = until
@@ -118,6 +128,7 @@ class GrpcDrafterClient:
         vocab_limit: int = 0,
         stall_s: float = 0.0,
         order: int = 0,
+        on_gap: Callable[[float], None] | None = None,
     ) -> None:
         """``vocab_limit``: drafts are ids below it (the targets' number of logits, so a drafter whose
         embedding is padded beyond them never proposes an id they cannot score); 0 = any."""
@@ -128,6 +139,7 @@ class GrpcDrafterClient:
         self.vocab_limit = vocab_limit
         self.stall_s = stall_s  # abandon a stream that sends nothing this long while it has credit (0 = never)
         self.order = order  # the request's arrival order: older requests' drafts go first
+        self.on_gap = on_gap
 
     def open(self, session_id: str, prefix: list[int], max_tokens: int, return_probs: bool) -> GrpcDraftStream:
         request = drafter_pb2.DraftRequest(
@@ -140,7 +152,7 @@ class GrpcDrafterClient:
             vocab_limit=self.vocab_limit,
             order=self.order,
         )
-        return GrpcDraftStream(self.stub, request, self.deadline_s, self.stall_s)
+        return GrpcDraftStream(self.stub, request, self.deadline_s, self.stall_s, self.on_gap)
 
 
 class Drafter:
@@ -148,8 +160,10 @@ class Drafter:
     release of a finished request's session."""
 
     def __init__(
-        self, stub: drafter_pb2_grpc.DrafterServiceStub, deadline_s: float, vocab_limit: int = 0, stall_s: float = 0.0
+        self, stub: drafter_pb2_grpc.DrafterServiceStub, deadline_s: float, vocab_limit: int = 0, stall_s: float = 0.0,
+        on_gap: Callable[[float], None] | None = None,
     ) -> None:
+        self.on_gap = on_gap  # the time between consecutive drafts (automatic lookahead)
         self.stub = stub
         self.deadline_s = deadline_s
         self.vocab_limit = vocab_limit
@@ -157,7 +171,7 @@ class Drafter:
 
     def client(self, sampling: Sampling, request_id: str, order: int) -> GrpcDrafterClient:
         return GrpcDrafterClient(self.stub, sampling_to_pb(sampling), request_id, self.deadline_s,
-                                 vocab_limit=self.vocab_limit, stall_s=self.stall_s, order=order)
+                                 vocab_limit=self.vocab_limit, stall_s=self.stall_s, order=order, on_gap=self.on_gap)
 
     async def release(self, session_id: str) -> None:
         """Best effort: a drafter that does not answer drops the session at its time-to-live."""

@@ -27,6 +27,7 @@ from services.orchestrator.targets import CHANNEL_OPTIONS as CHANNEL_OPTIONS
 from services.orchestrator.targets import Held as Held
 from services.orchestrator.targets import TargetInstance, Targets, TargetSnapshot
 from services.orchestrator.targets import model_mismatch as model_mismatch
+from services.orchestrator.tuning import Estimates
 from services.runtime import tls
 from services.runtime.errors import Unavailable as Unavailable
 from services.runtime.params import Sampling
@@ -69,6 +70,8 @@ class TargetPool:
         self.placement = Placement(self.targets, cold_tokens, headroom, metrics)
         # Session id -> addresses of the instances that were sent any of its windows (for Release).
         self._sent: dict[str, set[str]] = {}
+        # Where decode windows' latencies go (automatic lookahead), when set.
+        self.estimates: Estimates | None = None
 
     # -- membership and health (``Targets``) ------------------------------------------------------
 
@@ -183,6 +186,7 @@ class TargetPool:
             self._sent.setdefault(window.session_id, set()).add(inst.address)
             started = time.perf_counter()
             inst.running = Running(window, self.placement.rank(window), started, loop.create_future())
+            to_compute = len(window.token_ids) - held_prefix(inst, window)
             referenced = self._sequence(request, window, inst, full)
             call = inst.stub.Verify(request, timeout=self.deadline_s)
             answered = False
@@ -231,6 +235,8 @@ class TargetPool:
                     self.metrics.target_busy.labels(inst.address).inc(elapsed)
                 self.placement.release(inst)
             self.placement.verified(inst, window)
+            if self.estimates is not None:
+                self.estimates.window(time.perf_counter() - started, to_compute)
             return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)
 
     @staticmethod

@@ -196,6 +196,7 @@ class RequestStats:
     wall_s: float = 0.0
     sp_degree: int = 0
     lookahead: int = 0
+    auto_tuned: bool = False  # lookahead / SP degree chosen from measurements (server 'auto')
 
     @property
     def acceptance_rate(self) -> float:

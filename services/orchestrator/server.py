@@ -22,6 +22,7 @@ from services.orchestrator.service import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
+from services.orchestrator.tuning import Tuner
 from services.runtime import tls
 from services.runtime.auth import ApiKeyError, ApiKeyInterceptor, ApiKeys
 from services.runtime.serving import GrpcServer, run_service, start_metrics_server
@@ -230,10 +231,12 @@ async def serve(settings: OrchestratorSettings) -> None:
             max_stop_length=settings.max_stop_length,
             draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
+        tuner = Tuner(settings.max_lookahead)
+        pool.estimates = tuner.estimates  # decode windows' latencies
         drafter = None
         if drafter_stub is not None:
             drafter = Drafter(drafter_stub, settings.deadline_s, vocab_limit=limits.vocab_size,
-                              stall_s=settings.drafter_stall_s)
+                              stall_s=settings.drafter_stall_s, on_gap=tuner.estimates.draft_gap)
         orchestrator = Orchestrator(
             pool,
             drafter,
@@ -243,6 +246,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             metrics,
             settings.reproducible,
             Admission(settings.max_active_requests, settings.max_queued_requests, settings.max_queue_wait_s),
+            tuner,
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()

@@ -8,7 +8,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.orchestrator.admission import Admission
 from services.orchestrator.detokenizer import IncrementalText
@@ -17,8 +17,10 @@ from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import PoolTargetClient, TargetPool
 from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
 from services.orchestrator.tokenizer import TextTokenizer
+from services.orchestrator.tuning import Tuner
 from services.runtime.params import FinishReason, Mode
 from services.runtime.validation import (
+    AUTO_SP,
     GenerateLimits,
     GenerateParams,
     check_prompt_length,
@@ -92,6 +94,7 @@ class Orchestrator:
         metrics: OrchestratorMetrics,
         reproducible: bool = False,
         admission: Admission | None = None,
+        tuner: Tuner | None = None,
     ) -> None:
         self.pool = pool
         self.drafter = drafter
@@ -101,6 +104,8 @@ class Orchestrator:
         self.metrics = metrics
         self.reproducible = reproducible
         self.admission = admission or Admission(max_active=1 << 30, max_queued=0, max_wait_s=0.0)
+        # Chooses lookahead and SP degree for requests that leave them to the server's 'auto'.
+        self.tuner = tuner or Tuner(limits.max_lookahead)
         # Session releases still running after their request ended (awaited by ``close``).
         self._releases: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
@@ -117,6 +122,22 @@ class Orchestrator:
         async with self.admission.slot():
             async for chunk in self._generate(params):
                 yield chunk
+
+    async def _tuned(self, params: GenerateParams) -> tuple[GenerateParams, bool]:
+        """The request with an automatic lookahead or SP degree chosen; whether one was chosen from
+        measurements (rather than the fallback, before there are any)."""
+        auto_lookahead, auto_sp = params.lookahead == 0, params.sp_degree == AUTO_SP
+        if not (auto_lookahead or auto_sp):
+            return params, False
+        targets = self.pool.sp_limit()
+        choice = self.tuner.choose_si() if params.mode is Mode.SI else self.tuner.cached(targets)
+        if choice is None:  # a new point of the model's grid: simulate it off the event loop
+            choice = await asyncio.to_thread(self.tuner.choose, targets)
+        return replace(
+            params,
+            lookahead=choice.lookahead if auto_lookahead else params.lookahead,
+            sp_degree=choice.sp if auto_sp else params.sp_degree,
+        ), choice.auto
 
     def _scheduler(self, params: GenerateParams, prompt: list[int], request_id: str) -> Scheduler:
         request_seq = next(self._seq)
@@ -143,7 +164,9 @@ class Orchestrator:
         request_id = params.request_id or uuid.uuid4().hex[:16]
         # Off the event loop: other requests' tokens keep streaming while a long prompt is encoded.
         prompt = await asyncio.to_thread(self.tokenize, params)
+        params, tuned = await self._tuned(params)
         scheduler = self._scheduler(params, prompt, request_id)
+        scheduler.stats.auto_tuned = tuned
         output = _Output(self.tokenizer, params, self.eos)
         run = asyncio.create_task(scheduler.run(prompt, output.on_commit))
         run.add_done_callback(output.run_over)
@@ -153,6 +176,7 @@ class Orchestrator:
                 yield chunk
             stats = run.result()  # raises what the scheduler raised
             outcome = "ok"
+            self.tuner.estimates.request(stats.drafts_accepted, stats.drafts_verified)
             yield Chunk(text=output.text.finish(), finish_reason=output.finish_reason, stats=stats,
                         seed=params.sampling.seed, prompt_tokens=len(prompt), request_id=request_id)
         finally:

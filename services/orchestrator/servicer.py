@@ -65,6 +65,7 @@ def chunk_to_pb(chunk: Chunk, target_name: Callable[[str], str] = _same) -> orch
                 seed=chunk.seed,
                 lookahead=s.lookahead,
                 sp_degree=s.sp_degree,
+                auto_tuned=s.auto_tuned,
                 retries=s.retries,
                 drafter_failed=s.drafter_failed,
                 tokens_from_drafts=s.tokens_from_drafts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dsi.envflags import add_flag
@@ -14,6 +15,7 @@ from services.runtime.tls import (
     server_tls_from_args,
     upstream_tls_from_args,
 )
+from services.runtime.validation import AUTO_SP
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="most stop strings one request may give")
     add_flag(parser, "--max-stop-length", env=f"{env}_MAX_STOP_LENGTH", type=int, default=256,
              help="longest stop string accepted, in characters")
-    add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=int, default=5,
-             help="drafts per verification window when the request does not say")
-    add_flag(parser, "--sp-degree", env=f"{env}_SP_DEGREE", type=int, default=0,
-             help="windows in flight per request when the request does not say (0 = every healthy target)")
+    add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=_auto_or_int(0), default=5,
+             help="drafts per verification window when the request does not say; 'auto' = chosen per request "
+                  "from the measured target and drafter latencies and acceptance rate (as `dsi simulate suggest`)")
+    add_flag(parser, "--sp-degree", env=f"{env}_SP_DEGREE", type=_auto_or_int(AUTO_SP), default=0,
+             help="windows in flight per request when the request does not say (0 = every healthy target; "
+                  "'auto' = chosen per request like --lookahead auto)")
     add_flag(parser, "--max-lookahead", env=f"{env}_MAX_LOOKAHEAD", type=int, default=64,
              help="largest lookahead a request may ask for")
     add_flag(parser, "--deadline-s", env=f"{env}_DEADLINE_S", type=float, default=60.0,
@@ -131,9 +135,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-level", env=f"{env}_LOG_LEVEL", default="info", help="debug, info, warning, error")
 
 
+def _auto_or_int(auto: int) -> Callable[[str], int]:
+    """A flag value: a whole number, or 'auto' (stored as ``auto``)."""
+
+    def parse(text: str) -> int:
+        if str(text).strip().lower() == "auto":
+            return auto
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+    return parse
+
+
 def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
-    if ns.sp_degree < 0:
-        raise SystemExit(f"--sp-degree must be >= 0, got {ns.sp_degree}")
+    if ns.sp_degree < 0 and ns.sp_degree != AUTO_SP:
+        raise SystemExit(f"--sp-degree must be >= 0 or 'auto', got {ns.sp_degree}")
+    if ns.lookahead < 0:
+        raise SystemExit(f"--lookahead must be >= 1 or 'auto', got {ns.lookahead}")
     if ns.max_active_requests < 1 or ns.max_queued_requests < 0 or ns.max_queue_wait_s < 0:
         raise SystemExit("--max-active-requests must be >= 1, --max-queued-requests and --max-queue-wait-s >= 0")
     if ns.speculation_headroom < 0:

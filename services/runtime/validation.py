@@ -20,6 +20,8 @@ MODES = {
     orchestrator_pb2.MODE_SI: Mode.SI,
     orchestrator_pb2.MODE_NONSI: Mode.NONSI,
 }
+# GenerateParams.sp_degree when the server chooses it per request (--sp-degree auto); lookahead 0 = auto.
+AUTO_SP = -1
 # Fixed-shape forwards (VerifyRequest.chunk_size) pad a forward to this many tokens at most.
 MAX_CHUNK_SIZE = 1024
 VERIFICATIONS = (
@@ -159,8 +161,8 @@ class GenerateLimits:
     max_new_tokens: int
     max_prompt_tokens: int
     max_lookahead: int
-    default_lookahead: int
-    default_sp_degree: int = 0  # 0 = every healthy target
+    default_lookahead: int  # 0 = auto (chosen per request by the orchestrator)
+    default_sp_degree: int = 0  # 0 = every healthy target; AUTO_SP = chosen per request
     # Most tokens a sequence may hold on the targets, and on the drafter (0 = no limit known).
     max_sequence_length: int = 0
     draft_sequence_length: int = 0

@@ -2,7 +2,8 @@
 top of a module or inside a function, is read with ``ast`` and checked against the rules below.
 
     protocol      dsi.v1                                   generated code; imports nothing of ours
-    base          dsi.builtin, dsi.envflags, dsi.tls, dsi.client   SDK and shared constants
+    base          dsi.builtin, dsi.envflags, dsi.tls, dsi.client   SDK and shared constants;
+                  dsi.sim.model                            the DSI time model (numpy)
     runtime       services.runtime                         model-free serving plumbing
     domain        services.orchestrator, services.gateway  model-free: no torch, no model code
     model         services.model, services.target, services.drafter
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers")
-BASE = ("dsi.builtin", "dsi.envflags", "dsi.tls", "dsi.client")
+# dsi.sim.model: the DSI time model (numpy only), run by the orchestrator's automatic lookahead too.
+BASE = ("dsi.builtin", "dsi.envflags", "dsi.tls", "dsi.client", "dsi.sim.model")
 MODEL_FREE_DOMAIN = ("services.orchestrator", "services.gateway")
 MODEL = ("services.model", "services.target", "services.drafter")
 
@@ -45,7 +47,7 @@ def _within(module: str, prefixes: tuple[str, ...] | str) -> bool:
 def layer(module: str) -> str:
     if _within(module, "dsi.v1"):
         return "protocol"
-    if _within(module, BASE):
+    if _within(module, BASE) or module == "dsi.sim":  # the package's __init__ imports only the model
         return "base"
     if _within(module, "services.runtime"):
         return "runtime"

@@ -1,0 +1,95 @@
+"""Automatic lookahead and SP degree: the estimates (decode windows only, drafter gaps, acceptance),
+the grid the time model is run on, the fallback before there are measurements, the cache, and the
+server flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsi.sim.model import suggest
+from services.orchestrator.tuning import DECODE_TOKENS, MIN_SAMPLES, Choice, Tuner, grid_point
+
+pytestmark = pytest.mark.unit
+
+
+def _measured(tuner: Tuner, target_s: float, draft_s: float, acceptance: float) -> None:
+    for _ in range(MIN_SAMPLES):
+        tuner.estimates.window(target_s, computed_tokens=4)
+        tuner.estimates.window(50 * target_s, computed_tokens=DECODE_TOKENS + 1)  # a prefill: ignored
+        tuner.estimates.draft_gap(draft_s)
+        tuner.estimates.request(accepted=int(100 * acceptance), verified=100)
+
+
+def test_grid_points() -> None:
+    c, a = grid_point(0.1, 0.8)
+    assert grid_point(0.104, 0.81) == (c, a) and abs(c - 0.1) / 0.1 < 0.05 and a == 0.8
+    assert grid_point(0.1, 0.8) != grid_point(0.125, 0.8)  # a 25% slower drafter is another point
+    assert grid_point(1e-6, 1.0) == (grid_point(0.005, 0.95))  # clipped
+    c, a = grid_point(0.37, 0.33)
+    assert abs(c - 0.37) / 0.37 < 0.05 and a == 0.35
+
+
+def test_before_measurements_the_fallback_stands() -> None:
+    tuner = Tuner(max_lookahead=64, fallback_lookahead=5)
+    choice = tuner.choose(targets=4)
+    assert (choice.lookahead, choice.sp, choice.auto) == (5, 4, False)
+    tuner.estimates.window(0.04, computed_tokens=4)  # one sample is not enough
+    assert tuner.choose(targets=4).auto is False
+
+
+def test_the_choice_is_the_time_models_for_the_measured_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    tuner = Tuner(max_lookahead=64, runs=20, tokens=64)
+    _measured(tuner, target_s=0.040, draft_s=0.004, acceptance=0.8)
+    assert tuner.estimates.target_s.value == pytest.approx(0.040)  # prefills did not count
+    c, a = grid_point(0.004 / 0.040, 0.8)
+    expected = suggest(c, a, 4, lookaheads=range(1, 11), runs=20, tokens=64)
+    calls = []
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return suggest(*args, **kwargs)
+
+    monkeypatch.setattr("dsi.sim.model.suggest", counting)
+    assert tuner.cached(targets=4) is None  # not simulated yet
+    choice = tuner.choose(targets=4)
+    assert (choice.lookahead, choice.sp, choice.auto) == (expected.lookahead, expected.sp, True)
+    assert tuner.cached(targets=4) == choice and tuner.choose(targets=4) == choice
+    assert len(calls) == 1  # simulated once per grid point and pool size
+    # A much slower drafter moves the point: a new choice, with a shorter lookahead than a fast one's.
+    slow = Tuner(max_lookahead=64, runs=20, tokens=64)
+    _measured(slow, target_s=0.040, draft_s=0.030, acceptance=0.5)
+    assert slow.choose(targets=4).lookahead <= choice.lookahead
+    assert len(calls) == 2
+
+
+def test_the_lookahead_never_exceeds_the_servers_limit() -> None:
+    tuner = Tuner(max_lookahead=2, runs=10, tokens=64)
+    _measured(tuner, target_s=0.040, draft_s=0.001, acceptance=0.95)  # would want a long lookahead
+    assert tuner.choose(targets=2).lookahead <= 2
+
+
+def test_auto_flags() -> None:
+    import argparse
+
+    from services.orchestrator.settings import add_arguments, settings_from_args
+    from services.runtime.validation import AUTO_SP
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--targets", "a:1", "--lookahead", "auto", "--sp-degree", "auto"]))
+    assert (s.default_lookahead, s.default_sp_degree) == (0, AUTO_SP)
+    s = settings_from_args(parser.parse_args(["--targets", "a:1", "--lookahead", "3", "--sp-degree", "2"]))
+    assert (s.default_lookahead, s.default_sp_degree) == (3, 2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--targets", "a:1", "--lookahead", "often"])
+
+
+def test_si_gets_the_closed_forms_best_lookahead() -> None:
+    from dsi.sim.model import si_analytic_time_per_token
+
+    tuner = Tuner(max_lookahead=64)
+    assert tuner.choose_si().auto is False
+    _measured(tuner, target_s=0.040, draft_s=0.004, acceptance=0.8)
+    c, a = grid_point(0.1, 0.8)
+    best = min(range(1, 11), key=lambda n: si_analytic_time_per_token(c, a, n))
+    assert tuner.choose_si() == Choice(best, 1, auto=True)
