@@ -247,6 +247,8 @@ class Targets:
                 if error != inst.last_error:
                     log.error("target %s stays out of the pool: %s", inst.address, error)
                 inst.last_error = error
+        if not ok and not inst.healthy:
+            inst.last_error = error  # also for one never healthy: unavailable_message names the reason
         if ok != inst.healthy and not inst.removed:
             log.info("target %s is %s%s", inst.address, "up" if ok else "down", f" ({error})" if error else "")
             inst.healthy = ok

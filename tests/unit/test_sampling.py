@@ -82,11 +82,53 @@ def test_coupled_sampling_is_exact_sample_of_filtered_distribution() -> None:
     assert stat < CHI2_999[df], stat
 
 
-def test_coupling_makes_same_model_always_agree() -> None:
-    # Drafter == target: under the same noise every draft is accepted (acceptance 1).
-    logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(1))
+def test_coupled_choice_is_gumbel_max_with_the_noise_of_its_own_position() -> None:
+    """Row i is chosen as argmax(log p_i + g_{positions[i]}): p_i the filtered softmax it samples
+    from, g_j the Gumbel noise of (seed, j). The reference is built here from those two pieces."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 100, generator=gen) * 2  # [6, vocab]
+    positions = [40, 41, 42, 43, 44, 45]
+    s = Sampling(temperature=0.8, top_k=50, top_p=0.95, seed=5)
+    log_p = torch.log(target_distribution(logits, s)).double()  # [6, vocab], -inf where filtered out
+    expected = [int(torch.argmax(log_p[i] + gumbel_noise(5, j, 100))) for i, j in enumerate(positions)]
+    got = coupled_choice(logits, positions, s)
+    assert got == expected
+    assert all(bool(torch.isfinite(log_p[i, t])) for i, t in enumerate(got))  # never a filtered-out token
+    # The rows are independent: the same logits at other positions (other noise) choose differently,
+    # and each row's choice does not depend on which other rows are in the call.
+    assert coupled_choice(logits, [p + 100 for p in positions], s) != got
+    assert [coupled_choice(logits[i : i + 1], [j], s)[0] for i, j in enumerate(positions)] == got
+
+
+def test_coupled_choice_hand_computed_cases() -> None:
+    vocab = 7
+    for seed, position in [(0, 0), (3, 11), (12345, 678)]:
+        s = Sampling(temperature=1.0, seed=seed)
+        # Flat logits: the Gumbel transform is increasing, so the choice is the largest uniform.
+        u = uniform_noise(seed, position, vocab)
+        assert coupled_choice(torch.zeros(1, vocab), [position], s) == [int(torch.argmax(u))]
+        # A token 100 nats above the rest is chosen whatever the noise (Gumbel noise of 7 draws
+        # stays far below 100); top_k=1 is greedy.
+        peaked = torch.zeros(1, vocab)
+        peaked[0, 4] = 100.0
+        assert coupled_choice(peaked, [position], s) == [4]
+        skewed = torch.arange(vocab, dtype=torch.float32).unsqueeze(0)  # [1, vocab]
+        assert coupled_choice(skewed, [position], Sampling(temperature=1.0, top_k=1, seed=seed)) == [vocab - 1]
+
+
+def test_coupling_makes_models_with_the_same_distribution_always_agree() -> None:
+    """Drafter == target (here: other logits giving the same softmax) agree on every position under
+    the same seed (acceptance 1), while a drafter with another distribution agrees only sometimes."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(50, 20, generator=gen)  # [50, vocab]
+    positions = list(range(100, 150))
     s = Sampling(temperature=1.0, seed=5)
-    assert coupled_choice(logits, list(range(6)), s) == coupled_choice(logits.clone(), list(range(6)), s)
+    target = coupled_choice(logits, positions, s)
+    same_distribution = logits + torch.randn(50, 1, generator=gen) * 10  # a per-row constant
+    assert coupled_choice(same_distribution, positions, s) == target
+    other = coupled_choice(logits + torch.randn(50, 20, generator=gen), positions, s)
+    agree = sum(a == b for a, b in zip(other, target, strict=True))
+    assert 0 < agree < 50
 
 
 def test_rejection_verify_edge_cases() -> None:
