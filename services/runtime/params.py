@@ -24,17 +24,30 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop string; the text ends before it
 
 
+class Verification(str, enum.Enum):
+    """How a draft is verified: the coupled choice (target and drafter share the noise, so a draft is
+    accepted exactly when it equals the target's token: identical output in every mode), or classic
+    rejection sampling (lossless in distribution)."""
+
+    COUPLED = "coupled"
+    REJECTION = "rejection"
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings of one request (validated at the orchestrator's edge). ``rejection``: drafts
-    are verified by rejection sampling (only with temperature > 0); otherwise by the coupled choice."""
+    """Sampling settings of one request (validated at the orchestrator's edge). Rejection sampling
+    applies only with temperature > 0 (greedy decoding verifies by equality either way)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    rejection: bool = False
+    verification: Verification = Verification.COUPLED
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def rejection(self) -> bool:
+        return self.verification is Verification.REJECTION and not self.greedy

@@ -12,7 +12,7 @@ from typing import Any
 
 from dsi.v1 import common_pb2, orchestrator_pb2
 from services.runtime.errors import InvalidArgument
-from services.runtime.params import Mode, Sampling
+from services.runtime.params import Mode, Sampling, Verification
 
 MODES = {
     orchestrator_pb2.MODE_UNSPECIFIED: Mode.DSI,
@@ -58,7 +58,8 @@ def sampling_from_fields(
         top_k=int(top_k),
         top_p=p,
         seed=int(seed),
-        rejection=verification == common_pb2.VERIFICATION_REJECTION and temperature > 0,
+        verification=Verification.REJECTION if verification == common_pb2.VERIFICATION_REJECTION
+        else Verification.COUPLED,
     )
 
 

@@ -24,6 +24,7 @@ from services.model.sampling import (
     target_distribution,
 )
 from services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source, WindowRequest
+from services.runtime.params import Verification
 from tests.unit.fakes import FakeTarget, run_virtual
 
 pytestmark = pytest.mark.unit
@@ -50,7 +51,7 @@ def drafter_logits(prefix: list[int]) -> torch.Tensor:
 
 
 def _sampling(session_id: str) -> Sampling:
-    return Sampling(temperature=TEMPERATURE, seed=int(session_id), rejection=True)
+    return Sampling(temperature=TEMPERATURE, seed=int(session_id), verification=Verification.REJECTION)
 
 
 class RejectionTarget(FakeTarget):
@@ -142,7 +143,7 @@ def _generate(mode: str, seeds: range, lookahead: int) -> tuple[list[tuple[int, 
     async def main() -> None:
         async def one(seed: int) -> None:
             config = SchedulerConfig(mode=mode, lookahead=lookahead, sp_degree=3, max_new_tokens=TOKENS,
-                                     rejection=True)
+                                     verification=Verification.REJECTION)
             sched = Scheduler(target, SampledDrafter(), config, str(seed))
             await sched.run(PROMPT, lambda tok: outputs[seed].append(tok) or False)
 

@@ -20,6 +20,7 @@ from services.model.sampling import (
     target_distribution,
     uniform_noise,
 )
+from services.runtime.params import Verification
 
 pytestmark = pytest.mark.unit
 
@@ -135,7 +136,7 @@ def test_rejection_verify_edge_cases() -> None:
     vocab = 8
     logits = torch.full((3, vocab), -10.0)
     logits[:, 2] = 10.0  # the target is (almost) sure of token 2 everywhere
-    s = Sampling(temperature=1.0, seed=1, rejection=True)
+    s = Sampling(temperature=1.0, seed=1, verification=Verification.REJECTION)
     q_good = torch.zeros(vocab)
     q_good[2] = 1.0
     # Full match: both drafts accepted, bonus sampled from p.
@@ -155,13 +156,13 @@ def test_rejection_sampling_follows_target_distribution() -> None:
     vocab = 8
     target_logits = torch.randn(1, vocab, generator=gen) * 1.5  # [1, vocab]
     drafter_logits = torch.randn(vocab, generator=gen) * 1.5  # [vocab], a different distribution
-    s0 = Sampling(temperature=1.0, rejection=True)
+    s0 = Sampling(temperature=1.0, verification=Verification.REJECTION)
     p = target_distribution(target_logits, s0)[0]
     counts = torch.zeros(vocab)
     accepted = 0
     trials = 6000
     for seed in range(trials):
-        s = Sampling(temperature=1.0, seed=seed, rejection=True)
+        s = Sampling(temperature=1.0, seed=seed, verification=Verification.REJECTION)
         draft, q = draft_sample(drafter_logits, 10, s)
         ids, probs = sparse_from_dense(q)
         q_wire = dense_from_sparse(ids, probs, vocab, torch.device("cpu"))  # as it crosses the wire
