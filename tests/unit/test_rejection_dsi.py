@@ -143,7 +143,7 @@ def _generate(mode: str, seeds: range, lookahead: int) -> tuple[list[tuple[int, 
     async def main() -> None:
         async def one(seed: int) -> None:
             config = SchedulerConfig(mode=mode, lookahead=lookahead, sp_degree=3, max_new_tokens=TOKENS,
-                                     verification=Verification.REJECTION)
+                                     rejection=True)
             sched = Scheduler(target, SampledDrafter(), config, str(seed))
             await sched.run(PROMPT, lambda tok: outputs[seed].append(tok) or False)
 
