@@ -225,8 +225,9 @@ def _first_rejections(acceptance: float, runs: int, tokens: int, rng: np.random.
 
 def _dsi_run(
     c: float, L: int, n_targets: int | None, tokens: int, first_reject: np.ndarray
-) -> tuple[float, int]:
-    """One DSI run in target latencies; returns (time per token, most windows in flight).
+) -> tuple[float, int, float]:
+    """One DSI run in target latencies; returns (time per token, most windows in flight, the time at
+    which ``tokens`` tokens were committed).
 
     ``n_targets=None`` means unlimited targets (and no backpressure). ``first_reject[i]`` is K
     for epoch i. Inlined for speed: the heatmap runs this loop hundreds of thousands of times.
@@ -282,7 +283,7 @@ def _dsi_run(
             p = e + 1
 
         if prefix + p >= tokens:
-            return now / (prefix + p), most_in_flight
+            return now / (prefix + p), most_in_flight, now
 
         if new_epoch:
             epoch += 1
@@ -344,7 +345,7 @@ def _dsi_monte_carlo(
     times = np.empty(n)
     most = 0
     for r in range(n):
-        times[r], in_flight = _dsi_run(s.drafter_latency, s.lookahead, n_targets, s.tokens, draws[r])
+        times[r], in_flight, _ = _dsi_run(s.drafter_latency, s.lookahead, n_targets, s.tokens, draws[r])
         most = max(most, in_flight)
     return times, most
 

@@ -89,7 +89,7 @@ def test_required_sp_is_the_pipeline_depth(c: float, lookahead: int) -> None:
 
 def _scripted(c: float, lookahead: int, sp: int | None, tokens: int, first_rejects: list[int]) -> float:
     draws = np.array(first_rejects + [10**9] * tokens, dtype=np.int64)
-    time_per_token, _ = _dsi_run(c, lookahead, sp, tokens, draws)
+    time_per_token, _, _ = _dsi_run(c, lookahead, sp, tokens, draws)
     return time_per_token * tokens
 
 
