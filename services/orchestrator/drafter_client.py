@@ -72,8 +72,9 @@ class GrpcDraftStream:
                 self._credit -= 1
                 self._length += 1
                 self._progress = now
-                # The next gap measures the drafter only if nothing else held the draft back.
-                self._last = now if self._credit > 0 and self._owes_urgent() else None
+                # The next gap measures the drafter only if it had credit for the next draft (background
+                # drafts count too: under load they wait for others' urgent ones, the drafter's real pace).
+                self._last = now if self._credit > 0 else None
                 probs = (list(msg.probs.token_ids), list(msg.probs.probs)) if msg.HasField("probs") else None
                 yield Draft(msg.token_id, probs)
         except asyncio.CancelledError:
@@ -102,7 +103,6 @@ class GrpcDraftStream:
 
     def set_urgent(self, until: int) -> None:
         if until != self._urgent_until:
-            self._last = None  # it may have been held back as background work
             if not self._owes_urgent():
                 self._progress = self._loop.time()  # it may have been waiting as background work
             self._urgent_until = until

@@ -17,7 +17,7 @@ from services.orchestrator.metrics import OrchestratorMetrics
 from services.orchestrator.pool import PoolTargetClient, TargetPool
 from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
 from services.orchestrator.tokenizer import TextTokenizer
-from services.orchestrator.tuning import Tuner
+from services.orchestrator.tuning import Choice, Tuner
 from services.runtime.params import FinishReason, Mode
 from services.runtime.validation import (
     AUTO_SP,
@@ -106,6 +106,7 @@ class Orchestrator:
         self.admission = admission or Admission(max_active=1 << 30, max_queued=0, max_wait_s=0.0)
         # Chooses lookahead and SP degree for requests that leave them to the server's 'auto'.
         self.tuner = tuner or Tuner(limits.max_lookahead)
+        self._tuning: asyncio.Task[Choice] | None = None  # a simulation of a new point, in the background
         # Session releases still running after their request ended (awaited by ``close``).
         self._releases: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
@@ -130,14 +131,26 @@ class Orchestrator:
         if not (auto_lookahead or auto_sp):
             return params, False
         targets = self.pool.sp_limit()
-        choice = self.tuner.choose_si() if params.mode is Mode.SI else self.tuner.cached(targets)
-        if choice is None:  # a new point of the model's grid: simulate it off the event loop
-            choice = await asyncio.to_thread(self.tuner.choose, targets)
+        if params.mode is Mode.SI:
+            choice: Choice | None = self.tuner.choose_si()
+        else:
+            choice, stale = self.tuner.lookup(targets)
+            if choice is None:  # the very first choice: simulate it now, off the event loop
+                choice = await asyncio.to_thread(self.tuner.choose, targets)
+            elif stale and self._tuning is None:  # the estimates moved: simulate the new point meanwhile
+                self._tuning = asyncio.create_task(asyncio.to_thread(self.tuner.choose, targets))
+                self._tuning.add_done_callback(self._tuned_in_background)
+        assert choice is not None
         return replace(
             params,
             lookahead=choice.lookahead if auto_lookahead else params.lookahead,
             sp_degree=choice.sp if auto_sp else params.sp_degree,
         ), choice.auto
+
+    def _tuned_in_background(self, task: asyncio.Task[Choice]) -> None:
+        self._tuning = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("choosing the lookahead failed: %s", task.exception())
 
     def _scheduler(self, params: GenerateParams, prompt: list[int], request_id: str) -> Scheduler:
         request_seq = next(self._seq)
@@ -204,6 +217,6 @@ class Orchestrator:
         )
 
     async def close(self) -> None:
-        """Wait for the releases still running (at shutdown, before the channels close)."""
-        while self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+        """Wait for the releases and the tuning still running (at shutdown, before the channels close)."""
+        while self._releases or self._tuning is not None:
+            await asyncio.gather(*self._releases, *([self._tuning] if self._tuning else []), return_exceptions=True)

@@ -83,6 +83,7 @@ class Tuner:
         self.fallback_lookahead = fallback_lookahead
         self.runs, self.tokens = runs, tokens
         self._cache: dict[tuple[float, float, int], tuple[int, int]] = {}
+        self._latest: dict[int, Choice] = {}  # per pool size, the last choice made from measurements
         self._lock = threading.Lock()
 
     def point(self) -> tuple[float, float] | None:
@@ -100,6 +101,16 @@ class Tuner:
         hit = self._cache.get((*point, max(1, targets)))
         return Choice(hit[0], hit[1], auto=True) if hit is not None else None
 
+    def lookup(self, targets: int) -> tuple[Choice | None, bool]:
+        """What a request uses now without waiting for a simulation, and whether the current point
+        still needs one (run ``choose`` in the background): the point's choice when known, else the
+        last choice made for this pool size (the estimates moved to a new point), else None (the
+        first choice: the caller simulates it)."""
+        known = self.cached(targets)
+        if known is not None:
+            return known, False
+        return self._latest.get(max(1, targets)), True
+
     def choose_si(self) -> Choice:
         """SI's lookahead for the current estimates: the closed form's best (SI runs one window)."""
         point = self.point()
@@ -116,6 +127,8 @@ class Tuner:
         miss: tens of milliseconds; call it off the event loop)."""
         known = self.cached(targets)
         if known is not None:
+            if known.auto:
+                self._latest[max(1, targets)] = known
             return known
         point = self.point()
         assert point is not None
@@ -124,6 +137,8 @@ class Tuner:
 
         s = suggest(point[0], point[1], key[2], lookaheads=range(1, min(self.max_lookahead, 10) + 1),
                     runs=self.runs, tokens=self.tokens)
+        choice = Choice(s.lookahead, s.sp, auto=True)
         with self._lock:
             self._cache[key] = (s.lookahead, s.sp)
-        return Choice(s.lookahead, s.sp, auto=True)
+            self._latest[key[2]] = choice
+        return choice

@@ -93,3 +93,17 @@ def test_si_gets_the_closed_forms_best_lookahead() -> None:
     c, a = grid_point(0.1, 0.8)
     best = min(range(1, 11), key=lambda n: si_analytic_time_per_token(c, a, n))
     assert tuner.choose_si() == Choice(best, 1, auto=True)
+
+
+def test_a_new_point_uses_the_last_choice_until_it_is_simulated() -> None:
+    tuner = Tuner(max_lookahead=64, runs=10, tokens=64)
+    assert tuner.lookup(targets=4) == (Choice(5, 4, auto=False), False)  # no measurements: the fallback
+    _measured(tuner, target_s=0.040, draft_s=0.004, acceptance=0.8)
+    assert tuner.lookup(targets=4) == (None, True)  # the first point: the caller simulates it
+    first = tuner.choose(targets=4)
+    assert tuner.lookup(targets=4) == (first, False)
+    for _ in range(40):  # the drafter got much slower: a new point of the grid
+        tuner.estimates.draft_gap(0.030)
+    assert tuner.lookup(targets=4) == (first, True)  # no waiting: the last choice, and simulate
+    second = tuner.choose(targets=4)
+    assert tuner.lookup(targets=4) == (second, False)
