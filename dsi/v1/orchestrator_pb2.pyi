@@ -168,7 +168,7 @@ class TargetEndpoint(_message.Message):
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class OrchestratorInfoResponse(_message.Message):
-    __slots__ = ("target_model", "drafter_model", "targets", "drafter_address", "max_new_tokens_limit", "max_prompt_tokens", "default_lookahead", "max_lookahead", "max_sequence_length", "max_prompt_bytes", "max_stop_strings", "max_stop_length")
+    __slots__ = ("target_model", "drafter_model", "targets", "drafter_address", "max_new_tokens_limit", "max_prompt_tokens", "default_lookahead", "max_lookahead", "max_sequence_length", "max_prompt_bytes", "max_stop_strings", "max_stop_length", "max_request_id_length", "max_request_bytes")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,8 @@ class OrchestratorInfoResponse(_message.Message):
     MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     target_model: _common_pb2.ModelInfo
     drafter_model: _common_pb2.ModelInfo
     targets: _containers.RepeatedCompositeFieldContainer[TargetEndpoint]
@@ -193,4 +195,6 @@ class OrchestratorInfoResponse(_message.Message):
     max_prompt_bytes: int
     max_stop_strings: int
     max_stop_length: int
-    def __init__(self, target_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drafter_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetEndpoint, _Mapping]]] = ..., drafter_address: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., default_lookahead: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_length: _Optional[int] = ...) -> None: ...
+    max_request_id_length: int
+    max_request_bytes: int
+    def __init__(self, target_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., drafter_model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[TargetEndpoint, _Mapping]]] = ..., drafter_address: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., default_lookahead: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_length: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...

@@ -178,7 +178,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     _warn_if_open(settings, keys)
     interceptors = [ApiKeyInterceptor(keys)] if keys is not None else []
     server = GrpcServer(settings.server, [SERVICE_NAME], "orchestrator", interceptors)
-    servicer = OrchestratorServicer(settings.expose_internals)
+    servicer = OrchestratorServicer(settings.expose_internals, settings.server.max_request_bytes)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server.server)
     try:
         await server.start()
@@ -229,6 +229,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             max_prompt_bytes=settings.max_prompt_bytes,
             max_stop_strings=settings.max_stop_strings,
             max_stop_length=settings.max_stop_length,
+            max_request_id_length=settings.max_request_id_length,
             draft_sequence_length=drafter_model.max_sequence_length if drafter_model is not None else 0,
         )
         tuner = Tuner(settings.max_lookahead)

@@ -4,6 +4,7 @@ the drafter, and its commits into text chunks with stop strings and EOS handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
@@ -120,8 +121,10 @@ class Orchestrator:
 
     async def generate(self, params: GenerateParams) -> AsyncGenerator[Chunk, None]:
         """Run one request once it is admitted (``Admission``: bounded concurrency and queue)."""
-        async with self.admission.slot():
-            async for chunk in self._generate(params):
+        # aclosing: a consumer that goes away closes _generate here, inside the slot, so the run is
+        # cancelled and awaited before the slot is freed (not later, by the event loop's finaliser).
+        async with self.admission.slot(), contextlib.aclosing(self._generate(params)) as chunks:
+            async for chunk in chunks:
                 yield chunk
 
     async def _tuned(self, params: GenerateParams) -> tuple[GenerateParams, bool]:

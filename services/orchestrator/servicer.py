@@ -16,6 +16,7 @@ from services.orchestrator.service import Chunk, Orchestrator
 from services.runtime.disclosure import EndpointLabels, public_model_name
 from services.runtime.errors import ClientMessages, Unavailable, grpc_errors
 from services.runtime.params import FinishReason
+from services.runtime.serving import MAX_MESSAGE_BYTES
 from services.runtime.validation import validate_generate
 
 _FINISH = {
@@ -90,8 +91,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer, Cl
     models by public name, the drafter's address is left empty, and ``client_message`` keeps the
     targets' and the drafter's failures (which name their addresses) out of what callers are told."""
 
-    def __init__(self, expose_internals: bool = False) -> None:
+    def __init__(self, expose_internals: bool = False, max_request_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.expose_internals = expose_internals
+        self.max_request_bytes = max_request_bytes  # what the server accepts (reported by Info)
         self.orchestrator: Orchestrator | None = None
         self.target_model = common_pb2.ModelInfo()
         self.drafter_model: common_pb2.ModelInfo | None = None
@@ -163,6 +165,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer, Cl
             max_prompt_bytes=o.limits.max_prompt_bytes,
             max_stop_strings=o.limits.max_stop_strings,
             max_stop_length=o.limits.max_stop_length,
+            max_request_id_length=o.limits.max_request_id_length,
+            max_request_bytes=self.max_request_bytes,
         )
         if self.drafter_model is not None:
             msg.drafter_model.CopyFrom(self.drafter_model if internals else public_model_info(self.drafter_model))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dsi.envflags import add_flag
-from services.runtime.serving import ServerOptions
+from services.runtime.serving import MAX_MESSAGE_BYTES, ServerOptions
 from services.runtime.tls import (
     ClientTLS,
     add_server_tls_arguments,
@@ -38,6 +38,7 @@ class OrchestratorSettings:
     max_prompt_bytes: int = 1 << 20
     max_stop_strings: int = 32
     max_stop_length: int = 256
+    max_request_id_length: int = 128
     drafter_stall_s: float = 10.0
     max_active_requests: int = 64
     max_queued_requests: int = 256
@@ -85,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="most stop strings one request may give")
     add_flag(parser, "--max-stop-length", env=f"{env}_MAX_STOP_LENGTH", type=int, default=256,
              help="longest stop string accepted, in characters")
+    add_flag(parser, "--max-request-id-length", env=f"{env}_MAX_REQUEST_ID_LENGTH", type=int, default=128,
+             help="longest request_id accepted (characters from A-Z, a-z, 0-9 and . _ : -); at most 256, the "
+                  "model services' session id limit")
+    add_flag(parser, "--max-request-bytes", env=f"{env}_MAX_REQUEST_BYTES", type=int, default=MAX_MESSAGE_BYTES,
+             help="largest request message accepted, in bytes (larger ones are refused with RESOURCE_EXHAUSTED "
+                  "before they are decoded)")
     add_flag(parser, "--lookahead", env=f"{env}_LOOKAHEAD", type=_auto_or_int(0), default=5,
              help="drafts per verification window when the request does not say; 'auto' = chosen per request "
                   "from the measured target and drafter latencies and acceptance rate (as `dsi simulate suggest`)")
@@ -152,6 +159,10 @@ def _auto_or_int(auto: int) -> Callable[[str], int]:
 def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
     if ns.sp_degree < 0 and ns.sp_degree != AUTO_SP:
         raise SystemExit(f"--sp-degree must be >= 0 or 'auto', got {ns.sp_degree}")
+    if not 1 <= ns.max_request_id_length <= 256:
+        raise SystemExit(f"--max-request-id-length must be in [1, 256], got {ns.max_request_id_length}")
+    if not 1024 <= ns.max_request_bytes <= MAX_MESSAGE_BYTES:
+        raise SystemExit(f"--max-request-bytes must be in [1024, {MAX_MESSAGE_BYTES}], got {ns.max_request_bytes}")
     if ns.lookahead < 0:
         raise SystemExit(f"--lookahead must be >= 1 or 'auto', got {ns.lookahead}")
     if ns.max_active_requests < 1 or ns.max_queued_requests < 0 or ns.max_queue_wait_s < 0:
@@ -166,7 +177,7 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
     return OrchestratorSettings(
         server=ServerOptions(host=ns.host, port=ns.port, max_concurrent_rpcs=ns.max_concurrent_rpcs,
                              metrics_port=ns.metrics_port, tls=server_tls_from_args(ns),
-                             reflection=ns.expose_internals),
+                             reflection=ns.expose_internals, max_request_bytes=ns.max_request_bytes),
         targets=targets,
         drafter=ns.drafter,
         tokenizer=ns.tokenizer,
@@ -184,6 +195,7 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         max_prompt_bytes=ns.max_prompt_bytes,
         max_stop_strings=ns.max_stop_strings,
         max_stop_length=ns.max_stop_length,
+        max_request_id_length=ns.max_request_id_length,
         drafter_stall_s=ns.drafter_stall_s,
         max_active_requests=ns.max_active_requests,
         max_queued_requests=ns.max_queued_requests,

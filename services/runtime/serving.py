@@ -35,6 +35,7 @@ class ServerOptions:
     metrics_port: int = 0
     tls: ServerTLS | None = None  # None = plaintext
     reflection: bool = True  # grpc.reflection.v1alpha: the services' schemas for grpcurl and the like
+    max_request_bytes: int = MAX_MESSAGE_BYTES  # largest request message accepted (RESOURCE_EXHAUSTED beyond)
 
 
 def install_uvloop() -> None:
@@ -67,7 +68,7 @@ class GrpcServer:
         self.role = role
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", options.max_request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],

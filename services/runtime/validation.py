@@ -172,6 +172,7 @@ class GenerateLimits:
     max_prompt_bytes: int = 1 << 20
     max_stop_strings: int = 32
     max_stop_length: int = 256
+    max_request_id_length: int = 128
 
 
 @dataclass(frozen=True)
@@ -192,13 +193,14 @@ class GenerateParams:
 
 
 # A request id goes into logs and is used as the session id on every model service.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,128}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]*")
 
 
 def validate_generate(request: orchestrator_pb2.GenerateRequest, limits: GenerateLimits) -> GenerateParams:
-    if not _REQUEST_ID.fullmatch(request.request_id):
+    if len(request.request_id) > limits.max_request_id_length or not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidArgument(
-            "request_id", "at most 128 characters from A-Z, a-z, 0-9 and . _ : - (empty = a random id)"
+            "request_id", f"at most {limits.max_request_id_length} characters from A-Z, a-z, 0-9 and . _ : - "
+            "(empty = a random id)"
         )
     # Characters first: a string has at least as many UTF-8 bytes as characters.
     if len(request.prompt) > limits.max_prompt_bytes or len(request.prompt.encode("utf-8")) > limits.max_prompt_bytes:

@@ -22,6 +22,11 @@ from tests.integration.procs import Service, start_service
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
+DRAFTER_STALL_S = 1.0  # the cluster's --drafter-stall-s
+SI_MARGIN_S = 10.0  # 8 SI requests of 40 tokens each, target-only on 3 targets: a few seconds
+HUNG_TARGET_BOUND_S = 30.0  # well under the orchestrator's --deadline-s (60 s by default)
+STREAM_GAP_BOUND_S = 10.0  # the longest a started stream may go without a token, 64 streams (measured 1.75 s)
+
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:", "for i in range(10):", "return x + y",
            "The quick brown", "while True:", "if __name__ =="]
 
@@ -39,7 +44,7 @@ class Cluster:
                                                  "--emulate-latency-ms", "3:3", "--oracle-acceptance", "0.8"], log_dir)
         self.orch = start_service("orchestrator", [
             "--targets", ",".join(f"127.0.0.1:{p}" for p in self.ports), "--drafter", self.drafter.address,
-            "--health-interval-s", "0.25", "--drafter-stall-s", "1", "--lookahead", "3"], log_dir)
+            "--health-interval-s", "0.25", "--drafter-stall-s", str(DRAFTER_STALL_S), "--lookahead", "3"], log_dir)
 
     def _target(self, port: int) -> Service:
         return start_service("target", ["--model", str(self.target_dir), "--threads", "1", "--port", str(port),
@@ -140,12 +145,29 @@ def test_64_concurrent_streams_are_exact_and_memory_stays_bounded(cluster: Clust
     with Client(cluster.orch.address, timeout=120) as client:
         expected = _reference(client, n)
 
+    first_waits: list[float] = []  # per stream: seconds until its first token
+    gaps: list[float] = []  # per stream: the longest time between two of its tokens
+
+    async def stream(client: AsyncClient, i: int) -> list[int]:
+        ids: list[int] = []
+        start = last = time.monotonic()
+        gap = 0.0
+        async for delta in client.stream(PROMPTS[i % len(PROMPTS)], max_new_tokens=n, mode="dsi", ignore_eos=True):
+            if not delta.tokens:
+                continue
+            now = time.monotonic()
+            if ids:
+                gap = max(gap, now - last)
+            else:
+                first_waits.append(now - start)
+            last = now
+            ids.extend(t.token_id for t in delta.tokens)
+        gaps.append(gap)
+        return ids
+
     async def round_() -> list[list[int]]:
         async with AsyncClient(cluster.orch.address, timeout=180) as client:
-            results = await asyncio.gather(*(
-                client.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=n, mode="dsi", ignore_eos=True)
-                for i in range(64)))
-            return [r.token_ids for r in results]
+            return list(await asyncio.gather(*(stream(client, i) for i in range(64))))
 
     pid = cluster.orch.process.pid
     t0 = time.monotonic()
@@ -156,9 +178,17 @@ def test_64_concurrent_streams_are_exact_and_memory_stays_bounded(cluster: Clust
     assert time.monotonic() - t0 < 240  # bounded time for 192 requests
     for out in [first, *rounds]:
         assert out == [expected[i % len(PROMPTS)] for i in range(64)]
+    gaps.sort()
+    first_waits.sort()
     print(f"chaos: 3 x 64 concurrent streams in {time.monotonic() - t0:.0f} s; orchestrator RSS "
-          f"{rss_warm:.0f} MB after the first 64, +{growth:.1f} MB after 128 more")
+          f"{rss_warm:.0f} MB after the first 64, +{growth:.1f} MB after 128 more; longest time between two "
+          f"tokens of a stream: max {gaps[-1]:.2f} s, p50 {gaps[len(gaps) // 2]:.2f} s; first token after "
+          f"max {first_waits[-1]:.2f} s, p50 {first_waits[len(first_waits) // 2]:.2f} s")
     assert growth < 40, f"orchestrator RSS grew {growth:.1f} MB over 128 requests after warm-up"
+    assert len(gaps) == 192
+    # No stream starves once started (the fair order: tests/unit/test_fairness.py); generous for a
+    # loaded machine, where one stream's 16 tokens take about a second.
+    assert gaps[-1] < STREAM_GAP_BOUND_S, f"a stream went {gaps[-1]:.1f} s without a token"
 
 
 def test_targets_killed_and_stopped_mid_request_change_nothing(cluster: Cluster) -> None:
@@ -168,8 +198,9 @@ def test_targets_killed_and_stopped_mid_request_change_nothing(cluster: Cluster)
     with Client(cluster.orch.address, timeout=120) as client:
         expected = _reference(client, n)
 
-    async def main() -> list[list[int]]:
+    async def main() -> tuple[list[list[int]], float]:
         async with AsyncClient(cluster.orch.address, timeout=120) as client:
+            t0 = time.monotonic()
             jobs = [asyncio.ensure_future(client.generate(p, max_new_tokens=n, mode="dsi", ignore_eos=True))
                     for p in PROMPTS]
             await asyncio.sleep(0.3)
@@ -178,11 +209,17 @@ def test_targets_killed_and_stopped_mid_request_change_nothing(cluster: Cluster)
             await asyncio.sleep(0.3)
             os.kill(cluster.targets[1].process.pid, signal.SIGSTOP)
             try:
-                return [r.token_ids for r in await asyncio.gather(*jobs)]
+                results = await asyncio.gather(*jobs)
+                return [r.token_ids for r in results], time.monotonic() - t0
             finally:
                 os.kill(cluster.targets[1].process.pid, signal.SIGCONT)
 
-    assert asyncio.run(main()) == expected
+    got, elapsed = asyncio.run(main())
+    assert got == expected
+    print(f"chaos: 8 requests with a target killed and another hung finished in {elapsed:.1f} s")
+    # The hung target's windows go elsewhere once health checks mark it down (about 2.5 s), not at
+    # the end of their --deadline-s (60 s by default, as here).
+    assert elapsed < HUNG_TARGET_BOUND_S, f"{elapsed:.1f} s: a window waited for the hung target's deadline"
 
 
 def test_the_drafter_stopped_then_killed_mid_request_changes_nothing(cluster: Cluster) -> None:
@@ -198,9 +235,30 @@ def test_the_drafter_stopped_then_killed_mid_request_changes_nothing(cluster: Cl
             os.kill(cluster.drafter.process.pid, sig)
             return [r.token_ids for r in await asyncio.gather(*jobs)]
 
+    async def si_without_drafter() -> list[tuple[list[int], float, bool]]:
+        """SI requests to a drafter that answers nothing: each request's tokens, seconds, drafter_failed."""
+        async def one(prompt: str) -> tuple[list[int], float, bool]:
+            t0 = time.monotonic()
+            r = await client.generate(prompt, max_new_tokens=n, mode="si", ignore_eos=True)
+            return r.token_ids, time.monotonic() - t0, bool(r.stats.get("drafter_failed"))
+
+        async with AsyncClient(cluster.orch.address, timeout=120) as client:
+            return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+
+    def check_si(results: list[tuple[list[int], float, bool]], what: str) -> None:
+        assert [ids for ids, _, _ in results] == expected
+        slowest = max(s for _, s, _ in results)
+        print(f"chaos: 8 SI requests with the drafter {what}: slowest {slowest:.1f} s")
+        # SI waits for drafts before each window: the drafter is given up after --drafter-stall-s (1 s
+        # here) and the request goes on target-only, instead of waiting out --deadline-s (60 s).
+        assert slowest < DRAFTER_STALL_S + SI_MARGIN_S, f"an SI request took {slowest:.1f} s"
+        assert all(failed for _, _, failed in results), "a request that met no drafter lacks drafter_failed"
+
     assert asyncio.run(main(signal.SIGSTOP)) == expected  # given up after --drafter-stall-s: target-only
+    check_si(asyncio.run(si_without_drafter()), "stopped")  # still stopped
     os.kill(cluster.drafter.process.pid, signal.SIGCONT)
     assert asyncio.run(main(signal.SIGKILL)) == expected
+    check_si(asyncio.run(si_without_drafter()), "killed")
 
 
 def test_every_target_down_is_unavailable_then_service_resumes(cluster: Cluster) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -212,6 +214,22 @@ def test_real_preemption_is_observed_on_the_targets(tiny_pair, log_dir: Path) ->
             s.stop()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metric(port: int, name: str) -> float:
+    """A sample of the orchestrator's Prometheus metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 @pytest.mark.slow
 def test_faults_target_dies_and_drafter_dies(tiny_pair, log_dir: Path) -> None:
     target_dir, drafter_dir = tiny_pair
@@ -222,11 +240,16 @@ def test_faults_target_dies_and_drafter_dies(tiny_pair, log_dir: Path) -> None:
         started += targets
         drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], log_dir)
         started.append(drafter)
+        metrics_port = _free_port()
+        # Health checks every second: a killed target is found by the windows sent to it (and retried)
+        # well before a health check would find it.
         orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address, "--health-interval-s", "0.3"], log_dir)
+                                              "--drafter", drafter.address, "--health-interval-s", "1.0",
+                                              "--metrics-port", str(metrics_port)], log_dir)
         started.append(orch)
         with Client(orch.address, timeout=120) as client:
             expected = client.generate(PROMPTS[0], max_new_tokens=30, mode="nonsi", ignore_eos=True).token_ids
+            assert _metric(metrics_port, "dsi_window_retries_total") == 0
             # Kill a target while a request runs: its windows are retried on the other one.
             stream = client.stream(PROMPTS[0], max_new_tokens=30, mode="dsi", ignore_eos=True)
             first = next(stream)
@@ -234,6 +257,12 @@ def test_faults_target_dies_and_drafter_dies(tiny_pair, log_dir: Path) -> None:
             rest = list(stream)
             got = [t.token_id for d in [first, *rest] for t in d.tokens]
             assert got == expected
+            # Windows did fail on the killed target and were sent again (the request's own stats count
+            # the retries of the windows it applied; the counter counts every retry).
+            assert _metric(metrics_port, "dsi_window_retries_total") >= 1
+            assert rest[-1].stats is not None and rest[-1].stats["retries"] <= _metric(
+                metrics_port, "dsi_window_retries_total")
+            assert _metric(metrics_port, "dsi_healthy_targets") == 1
             # The drafter dies: requests continue target-only and say so.
             drafter.kill()
             out = client.generate(PROMPTS[0], max_new_tokens=30, mode="dsi", ignore_eos=True)

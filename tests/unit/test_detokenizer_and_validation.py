@@ -92,6 +92,39 @@ def test_generate_validation_names_the_field(fields: dict, field: str) -> None:
     assert str(err.value).startswith(field)
 
 
+# Limits with values that appear nowhere else in a request, so a message that shows one shows the limit.
+ODD_LIMITS = GenerateLimits(vocab_size=100, max_new_tokens=57, max_prompt_tokens=23, max_lookahead=9,
+                            default_lookahead=4, max_prompt_bytes=777, max_stop_strings=5, max_stop_length=13)
+
+
+@pytest.mark.parametrize(
+    "fields, field, limit",
+    [
+        (dict(prompt="x" * 778, max_new_tokens=1), "prompt", "777 bytes"),
+        (dict(prompt="é" * 389, max_new_tokens=1), "prompt", "777 bytes"),  # 389 characters, 778 bytes
+        (dict(prompt="x", max_new_tokens=1, stop=["s"] * 6), "stop", "5 stop strings"),
+        (dict(prompt="x", max_new_tokens=1, stop=["a", "b" * 14]), "stop[1]", "13 characters"),
+        (dict(prompt_token_ids=[1] * 24, max_new_tokens=1), "prompt_token_ids", "23 tokens"),
+        (dict(prompt="x", max_new_tokens=58), "max_new_tokens", "57"),
+        (dict(prompt="x", max_new_tokens=1, lookahead=10), "lookahead", "9"),
+        (dict(prompt="x", max_new_tokens=1, request_id="r" * 129), "request_id", "128 characters"),
+    ],
+)
+def test_a_request_over_a_limit_is_told_the_field_and_the_limit(fields: dict, field: str, limit: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_generate(orchestrator_pb2.GenerateRequest(**fields), ODD_LIMITS)
+    assert err.value.field == field
+    message = str(err.value)
+    assert message.startswith(f"{field}: ") and limit in message, message
+
+
+def test_a_request_at_every_limit_is_accepted() -> None:
+    request = orchestrator_pb2.GenerateRequest(prompt="é" * 388 + "x", max_new_tokens=57, lookahead=9,
+                                               stop=["a", "b", "c", "d", "e" * 13], request_id="r" * 128)
+    params = validate_generate(request, ODD_LIMITS)
+    assert len(params.prompt.encode()) == 777 and len(params.stop) == 5
+
+
 def test_valid_request_gets_defaults_and_a_random_seed() -> None:
     p = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, temperature=0.5), LIMITS)
     q = validate_generate(orchestrator_pb2.GenerateRequest(prompt="x", max_new_tokens=5, temperature=0.5), LIMITS)
