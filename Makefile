@@ -40,7 +40,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy dsi services
+	$(VENV)/bin/mypy dsi
 
 bench: $(STAMP)
 	$(PY) -m dsi.cli bench

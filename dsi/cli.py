@@ -197,13 +197,13 @@ def _serve(role: str):  # type: ignore[no-untyped-def]
         if role in ("target", "drafter") and not ns.model:
             ns.model = _builtin_model(role, float(getattr(ns, "oracle_acceptance", 0.0) or 0.0))
         if role == "target":
-            from services.target.server import main
+            from dsi.services.target.server import main
         elif role == "drafter":
-            from services.drafter.server import main
+            from dsi.services.drafter.server import main
         elif role == "gateway":
-            from services.gateway.server import main
+            from dsi.services.gateway.server import main
         else:
-            from services.orchestrator.server import main
+            from dsi.services.orchestrator.server import main
         return int(main(ns))
 
     return run
@@ -325,18 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one service (what docker-compose runs)")
     roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
-    from services.model.settings import add_model_server_arguments
+    from dsi.services.model.settings import add_model_server_arguments
 
     for role in ("target", "drafter"):
         p = roles.add_parser(role, help=f"the {role} model service")
         add_model_server_arguments(p, role)
         p.set_defaults(func=_serve(role))
-    from services.orchestrator.settings import add_arguments as add_orchestrator_arguments
+    from dsi.services.orchestrator.settings import add_arguments as add_orchestrator_arguments
 
     p = roles.add_parser("orchestrator", help="the public Generate API and the DSI scheduler")
     add_orchestrator_arguments(p)
     p.set_defaults(func=_serve("orchestrator"))
-    from services.gateway.settings import add_arguments as add_gateway_arguments
+    from dsi.services.gateway.settings import add_arguments as add_gateway_arguments
 
     p = roles.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of an orchestrator",
                          description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics "

@@ -234,12 +234,12 @@ class _CoupledChoice:
     at the position being generated, so greedy ``generate`` with it is target-only seeded sampling."""
 
     def __init__(self, temperature: float, seed: int) -> None:
-        from services.model.sampling import Sampling
+        from dsi.services.model.sampling import Sampling
 
         self.sampling = Sampling(temperature=temperature, seed=seed)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        from services.model.sampling import filter_logits, gumbel_noise
+        from dsi.services.model.sampling import filter_logits, gumbel_noise
 
         s = self.sampling
         position = int(input_ids.shape[1])  # the absolute position of the token being chosen

@@ -67,9 +67,9 @@ def _windows(n: int, count: int, lookahead: int) -> list[tuple[str, list[int], i
 
 
 async def _orchestrator(n: int, s: WindowCpuSettings, incremental: bool) -> float:
+    from dsi.services.orchestrator.pool import TargetPool
+    from dsi.services.orchestrator.scheduler import WindowRequest
     from dsi.v1 import common_pb2, target_pb2
-    from services.orchestrator.pool import TargetPool
-    from services.orchestrator.scheduler import WindowRequest
 
     answer = target_pb2.VerifyResponse(token_ids=[1] * (s.lookahead + 1))
 
@@ -106,12 +106,12 @@ async def _orchestrator(n: int, s: WindowCpuSettings, incremental: bool) -> floa
 def _target(n: int, s: WindowCpuSettings, incremental: bool, model_dir: Path) -> float:
     import torch
 
+    from dsi.services.model.loading import load_causal_lm
+    from dsi.services.model.runner import ModelRunner
+    from dsi.services.runtime.prefixes import PrefixHashes
+    from dsi.services.runtime.validation import validate_verify
+    from dsi.services.target.engine import TargetEngine, VerifyCall
     from dsi.v1 import target_pb2
-    from services.model.loading import load_causal_lm
-    from services.model.runner import ModelRunner
-    from services.runtime.prefixes import PrefixHashes
-    from services.runtime.validation import validate_verify
-    from services.target.engine import TargetEngine, VerifyCall
 
     loaded = load_causal_lm(str(model_dir), "cpu", "float32", 1)
     runner = ModelRunner(loaded, max_sequence_tokens=1 << 20)

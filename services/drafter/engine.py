@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from services.model.runner import ForwardCancelled, Job, ModelRunner
-from services.model.sampling import (
+from dsi.services.model.runner import ForwardCancelled, Job, ModelRunner
+from dsi.services.model.sampling import (
     Sampling,
     coupled_choice,
     draft_sample,
     sparse_from_dense,
     uniform_noise,
 )
-from services.model.worker import BACKGROUND, URGENT, Priority
+from dsi.services.model.worker import BACKGROUND, URGENT, Priority
 
 _SALT_ORACLE = 0x3C6EF372
 

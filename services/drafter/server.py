@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from dsi.services.drafter.engine import DrafterEngine
+from dsi.services.drafter.servicer import DrafterServicer
+from dsi.services.model.runner import ModelRunner
+from dsi.services.model.server import run_model_service, serve_model_service
+from dsi.services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc
-from services.drafter.engine import DrafterEngine
-from services.drafter.servicer import DrafterServicer
-from services.model.runner import ModelRunner
-from services.model.server import run_model_service, serve_model_service
-from services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name
 

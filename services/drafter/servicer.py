@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
-from services.drafter.engine import DrafterEngine, DraftToken
-from services.model.server import counters_pb, model_info_pb, not_loaded
-from services.runtime.errors import InvalidArgument, grpc_errors
-from services.runtime.validation import (
+from dsi.services.drafter.engine import DrafterEngine, DraftToken
+from dsi.services.model.server import counters_pb, model_info_pb, not_loaded
+from dsi.services.runtime.errors import InvalidArgument, grpc_errors
+from dsi.services.runtime.validation import (
     validate_draft,
     validate_draft_grant,
     validate_urgent_until,
     validate_vocab_limit,
 )
+from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):

@@ -22,9 +22,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from dsi.client import Delta, DSIError
-from services.gateway import protocol
-from services.gateway.backend import OrchestratorBackend, ServedModel
-from services.gateway.errors import (
+from dsi.services.gateway import protocol
+from dsi.services.gateway.backend import OrchestratorBackend, ServedModel
+from dsi.services.gateway.errors import (
     APIError,
     bad_request,
     from_dsi_error,
@@ -32,9 +32,9 @@ from services.gateway.errors import (
     model_not_found,
     overloaded,
 )
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.settings import GatewaySettings
-from services.runtime.auth import ApiKeys
+from dsi.services.gateway.metrics import GatewayMetrics
+from dsi.services.gateway.settings import GatewaySettings
+from dsi.services.runtime.auth import ApiKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dsi.client import AsyncClient, DSIError
-from services.gateway.chat import ChatTemplate, load_tokenizer
-from services.gateway.errors import unavailable
-from services.gateway.settings import GatewaySettings
-from services.runtime.disclosure import BUILTIN_NAME, builtin_checkpoint, public_model_name
+from dsi.services.gateway.chat import ChatTemplate, load_tokenizer
+from dsi.services.gateway.errors import unavailable
+from dsi.services.gateway.settings import GatewaySettings
+from dsi.services.runtime.disclosure import BUILTIN_NAME, builtin_checkpoint, public_model_name
 
 log = logging.getLogger(__name__)
 

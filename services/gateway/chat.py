@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.gateway.errors import APIError, bad_request
+from dsi.services.gateway.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from dsi.client import Delta
-from services.gateway.errors import APIError, bad_request, unrecognized, unsupported
+from dsi.services.gateway.errors import APIError, bad_request, unrecognized, unsupported
 
 # OpenAI's default for /v1/completions; chat completions default to as many tokens as fit.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from services.gateway import settings as settings_mod
-from services.gateway.app import build_app
-from services.gateway.settings import GatewaySettings
-from services.runtime.serving import configure_logging, run_async
+from dsi.services.gateway import settings as settings_mod
+from dsi.services.gateway.app import build_app
+from dsi.services.gateway.settings import GatewaySettings
+from dsi.services.runtime.serving import configure_logging, run_async
 
 log = logging.getLogger(__name__)
 

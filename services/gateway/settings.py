@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsi.envflags import add_flag
+from dsi.services.runtime.auth import ApiKeyError, ApiKeys
 from dsi.tls import ClientTLS, CredentialsError, first_key
-from services.runtime.auth import ApiKeyError, ApiKeys
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from services.model.emulation import Emulation
-from services.model.kv_cache import crop_kv_cache, new_kv_cache
-from services.model.loading import LoadedModel
-from services.model.session_cache import CachedSession, SessionCache, common_prefix_len
-from services.model.worker import URGENT, Priority, PriorityWorker
-from services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
+from dsi.services.model.emulation import Emulation
+from dsi.services.model.kv_cache import crop_kv_cache, new_kv_cache
+from dsi.services.model.loading import LoadedModel
+from dsi.services.model.session_cache import CachedSession, SessionCache, common_prefix_len
+from dsi.services.model.worker import URGENT, Priority, PriorityWorker
+from dsi.services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from services.runtime.params import Sampling as Sampling  # re-exported for the model code
+from dsi.services.runtime.params import Sampling as Sampling  # re-exported for the model code
 
 _MASK32 = 0xFFFFFFFF
 # Salts that give independent noise streams for the same (seed, position).

@@ -10,14 +10,14 @@ from typing import Any
 
 import grpc
 
+from dsi.services.model.loading import ModelLoadError, load_causal_lm
+from dsi.services.model.metrics import runner_registry
+from dsi.services.model.runner import ModelRunner
+from dsi.services.model.sampling import Sampling
+from dsi.services.model.settings import ModelServerSettings
+from dsi.services.runtime.errors import Unavailable
+from dsi.services.runtime.serving import GrpcServer, run_service, start_metrics_server
 from dsi.v1 import common_pb2
-from services.model.loading import ModelLoadError, load_causal_lm
-from services.model.metrics import runner_registry
-from services.model.runner import ModelRunner
-from services.model.sampling import Sampling
-from services.model.settings import ModelServerSettings
-from services.runtime.errors import Unavailable
-from services.runtime.serving import GrpcServer, run_service, start_metrics_server
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.runtime.prefixes import PrefixHashes, common_prefix_len
+from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len
 
 __all__ = ["CachedSession", "SessionCache", "common_prefix_len"]
 

@@ -7,9 +7,9 @@ import argparse
 from dataclasses import dataclass
 
 from dsi.envflags import add_flag
-from services.model.emulation import Emulation
-from services.runtime.serving import ServerOptions
-from services.runtime.tls import add_server_tls_arguments, server_tls_from_args
+from dsi.services.model.emulation import Emulation
+from dsi.services.runtime.serving import ServerOptions
+from dsi.services.runtime.tls import add_server_tls_arguments, server_tls_from_args
 
 
 @dataclass(frozen=True)

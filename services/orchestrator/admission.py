@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from services.runtime.errors import ResourceExhausted
+from dsi.services.runtime.errors import ResourceExhausted
 
 
 class Busy(ResourceExhausted):

@@ -3,8 +3,8 @@ and never show a stop string (or a prefix of one that may still complete)."""
 
 from __future__ import annotations
 
-from services.orchestrator.stop_strings import StopMatcher
-from services.orchestrator.tokenizer import TextTokenizer
+from dsi.services.orchestrator.stop_strings import StopMatcher
+from dsi.services.orchestrator.tokenizer import TextTokenizer
 
 
 class IncrementalText:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from dsi.services.orchestrator.scheduler import Draft
+from dsi.services.runtime.params import Sampling
+from dsi.services.runtime.validation import sampling_to_pb
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
-from services.orchestrator.scheduler import Draft
-from services.runtime.params import Sampling
-from services.runtime.validation import sampling_to_pb
 
 
 class DrafterStalled(Exception):

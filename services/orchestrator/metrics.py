@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.orchestrator.scheduler import RequestStats
+from dsi.services.orchestrator.scheduler import RequestStats
 
 
 @dataclass

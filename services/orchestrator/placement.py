@@ -21,11 +21,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.scheduler import WindowRequest
-from services.orchestrator.targets import Held, TargetInstance, Targets
-from services.runtime.errors import Unavailable
-from services.runtime.prefixes import PrefixHashes, common_prefix_len
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.scheduler import WindowRequest
+from dsi.services.orchestrator.targets import Held, TargetInstance, Targets
+from dsi.services.runtime.errors import Unavailable
+from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len
 
 # A window that would first compute more than this many tokens on an instance (to catch its cache
 # up to the first scored position) is cold there: a prefill, placed only on capacity nobody needs.

@@ -18,21 +18,21 @@ from typing import Any
 
 import grpc
 
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.placement import COLD_TOKENS, Preempted, Running, held_prefix
+from dsi.services.orchestrator.placement import Placement as Placement
+from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult
+from dsi.services.orchestrator.targets import CHANNEL_OPTIONS as CHANNEL_OPTIONS
+from dsi.services.orchestrator.targets import Held as Held
+from dsi.services.orchestrator.targets import TargetInstance, Targets, TargetSnapshot
+from dsi.services.orchestrator.targets import model_mismatch as model_mismatch
+from dsi.services.orchestrator.tuning import Estimates
+from dsi.services.runtime import tls
+from dsi.services.runtime.errors import Unavailable as Unavailable
+from dsi.services.runtime.params import Sampling
+from dsi.services.runtime.prefixes import extend
+from dsi.services.runtime.validation import sampling_to_pb
 from dsi.v1 import common_pb2, target_pb2
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.placement import COLD_TOKENS, Preempted, Running, held_prefix
-from services.orchestrator.placement import Placement as Placement
-from services.orchestrator.scheduler import WindowRequest, WindowResult
-from services.orchestrator.targets import CHANNEL_OPTIONS as CHANNEL_OPTIONS
-from services.orchestrator.targets import Held as Held
-from services.orchestrator.targets import TargetInstance, Targets, TargetSnapshot
-from services.orchestrator.targets import model_mismatch as model_mismatch
-from services.orchestrator.tuning import Estimates
-from services.runtime import tls
-from services.runtime.errors import Unavailable as Unavailable
-from services.runtime.params import Sampling
-from services.runtime.prefixes import extend
-from services.runtime.validation import sampling_to_pb
 
 log = logging.getLogger(__name__)
 

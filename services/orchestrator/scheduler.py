@@ -37,8 +37,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.orchestrator import policy
-from services.runtime.params import Mode
+from dsi.services.orchestrator import policy
+from dsi.services.runtime.params import Mode
 
 log = logging.getLogger(__name__)
 

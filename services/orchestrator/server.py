@@ -11,22 +11,22 @@ from collections.abc import Callable
 
 import grpc
 
+from dsi.services.orchestrator import settings as settings_mod
+from dsi.services.orchestrator.admission import Admission
+from dsi.services.orchestrator.discovery import Resolver, TargetDiscovery, system_resolver
+from dsi.services.orchestrator.drafter_client import Drafter
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool, model_mismatch
+from dsi.services.orchestrator.service import Orchestrator
+from dsi.services.orchestrator.servicer import OrchestratorServicer
+from dsi.services.orchestrator.settings import OrchestratorSettings
+from dsi.services.orchestrator.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
+from dsi.services.orchestrator.tuning import Tuner
+from dsi.services.runtime import tls
+from dsi.services.runtime.auth import ApiKeyError, ApiKeyInterceptor, ApiKeys
+from dsi.services.runtime.serving import GrpcServer, run_service, start_metrics_server
+from dsi.services.runtime.validation import GenerateLimits
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc, target_pb2
-from services.orchestrator import settings as settings_mod
-from services.orchestrator.admission import Admission
-from services.orchestrator.discovery import Resolver, TargetDiscovery, system_resolver
-from services.orchestrator.drafter_client import Drafter
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import CHANNEL_OPTIONS, TargetPool, model_mismatch
-from services.orchestrator.service import Orchestrator
-from services.orchestrator.servicer import OrchestratorServicer
-from services.orchestrator.settings import OrchestratorSettings
-from services.orchestrator.tokenizer import TextTokenizer, TokenizerError, load_tokenizer
-from services.orchestrator.tuning import Tuner
-from services.runtime import tls
-from services.runtime.auth import ApiKeyError, ApiKeyInterceptor, ApiKeys
-from services.runtime.serving import GrpcServer, run_service, start_metrics_server
-from services.runtime.validation import GenerateLimits
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name

@@ -11,16 +11,16 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
-from services.orchestrator.admission import Admission
-from services.orchestrator.detokenizer import IncrementalText
-from services.orchestrator.drafter_client import Drafter
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import PoolTargetClient, TargetPool
-from services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
-from services.orchestrator.tokenizer import TextTokenizer
-from services.orchestrator.tuning import Choice, Tuner
-from services.runtime.params import FinishReason, Mode
-from services.runtime.validation import (
+from dsi.services.orchestrator.admission import Admission
+from dsi.services.orchestrator.detokenizer import IncrementalText
+from dsi.services.orchestrator.drafter_client import Drafter
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.pool import PoolTargetClient, TargetPool
+from dsi.services.orchestrator.scheduler import CommittedToken, RequestStats, Scheduler, SchedulerConfig
+from dsi.services.orchestrator.tokenizer import TextTokenizer
+from dsi.services.orchestrator.tuning import Choice, Tuner
+from dsi.services.runtime.params import FinishReason, Mode
+from dsi.services.runtime.validation import (
     AUTO_SP,
     GenerateLimits,
     GenerateParams,

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from dsi.services.orchestrator.scheduler import Source
+from dsi.services.orchestrator.service import Chunk, Orchestrator
+from dsi.services.runtime.disclosure import EndpointLabels, public_model_name
+from dsi.services.runtime.errors import ClientMessages, Unavailable, grpc_errors
+from dsi.services.runtime.params import FinishReason
+from dsi.services.runtime.serving import MAX_MESSAGE_BYTES
+from dsi.services.runtime.validation import validate_generate
 from dsi.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.scheduler import Source
-from services.orchestrator.service import Chunk, Orchestrator
-from services.runtime.disclosure import EndpointLabels, public_model_name
-from services.runtime.errors import ClientMessages, Unavailable, grpc_errors
-from services.runtime.params import FinishReason
-from services.runtime.serving import MAX_MESSAGE_BYTES
-from services.runtime.validation import validate_generate
 
 _FINISH = {
     FinishReason.LENGTH: orchestrator_pb2.FINISH_REASON_LENGTH,

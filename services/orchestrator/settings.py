@@ -7,15 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dsi.envflags import add_flag
-from services.runtime.serving import MAX_MESSAGE_BYTES, ServerOptions
-from services.runtime.tls import (
+from dsi.services.runtime.serving import MAX_MESSAGE_BYTES, ServerOptions
+from dsi.services.runtime.tls import (
     ClientTLS,
     add_server_tls_arguments,
     add_upstream_tls_arguments,
     server_tls_from_args,
     upstream_tls_from_args,
 )
-from services.runtime.validation import AUTO_SP
+from dsi.services.runtime.validation import AUTO_SP
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.runtime import tls
+from dsi.services.runtime.serving import MAX_MESSAGE_BYTES
 from dsi.v1 import common_pb2, target_pb2, target_pb2_grpc
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.runtime import tls
-from services.runtime.serving import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
-    from services.orchestrator.placement import Running
+    from dsi.services.orchestrator.placement import Running
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from services.runtime.log_fields import escaped
+from dsi.services.runtime.log_fields import escaped
 
 log = logging.getLogger(__name__)
 

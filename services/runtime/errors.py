@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.runtime.log_fields import escaped
-from services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
+from dsi.services.runtime.log_fields import escaped
+from dsi.services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
 

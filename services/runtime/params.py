@@ -1,6 +1,6 @@
 """A request's parameters as the services see them once validated: plain data and enums, shared by
 the orchestrator (which validates them) and the model services (which sample with them in
-``services.model.sampling``). No torch, no protobuf here."""
+``dsi.services.model.sampling``). No torch, no protobuf here."""
 
 from __future__ import annotations
 

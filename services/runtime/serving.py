@@ -18,8 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.errors import InvalidArgument
-from services.runtime.tls import ServerTLS
+from dsi.services.runtime.errors import InvalidArgument
+from dsi.services.runtime.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 

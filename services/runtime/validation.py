@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dsi.services.runtime.errors import InvalidArgument
+from dsi.services.runtime.params import Mode, Sampling, Verification
 from dsi.v1 import common_pb2, orchestrator_pb2
-from services.runtime.errors import InvalidArgument
-from services.runtime.params import Mode, Sampling, Verification
 
 MODES = {
     orchestrator_pb2.MODE_UNSPECIFIED: Mode.DSI,

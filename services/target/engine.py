@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from services.model.runner import Chunking, Job, ModelRunner
-from services.model.sampling import Sampling, coupled_choice, dense_from_sparse, rejection_verify
+from dsi.services.model.runner import Chunking, Job, ModelRunner
+from dsi.services.model.sampling import Sampling, coupled_choice, dense_from_sparse, rejection_verify
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from dsi.services.model.runner import ModelRunner
+from dsi.services.model.server import run_model_service, serve_model_service
+from dsi.services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
+from dsi.services.target.engine import TargetEngine
+from dsi.services.target.servicer import TargetServicer
 from dsi.v1 import target_pb2, target_pb2_grpc
-from services.model.runner import ModelRunner
-from services.model.server import run_model_service, serve_model_service
-from services.model.settings import ModelServerSettings, add_model_server_arguments, model_server_settings
-from services.target.engine import TargetEngine
-from services.target.servicer import TargetServicer
 
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 

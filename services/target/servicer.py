@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+from dsi.services.model.runner import Chunking
+from dsi.services.model.server import counters_pb, model_info_pb, not_loaded
+from dsi.services.runtime.errors import grpc_errors
+from dsi.services.runtime.validation import validate_verify
+from dsi.services.target.engine import TargetEngine, VerifyCall
 from dsi.v1 import target_pb2, target_pb2_grpc
-from services.model.runner import Chunking
-from services.model.server import counters_pb, model_info_pb, not_loaded
-from services.runtime.errors import grpc_errors
-from services.runtime.validation import validate_verify
-from services.target.engine import TargetEngine, VerifyCall
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):

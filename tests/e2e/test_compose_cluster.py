@@ -122,7 +122,7 @@ class Reference:
         if key not in self.cache:
             import torch
 
-            from services.model.sampling import Sampling, coupled_choice
+            from dsi.services.model.sampling import Sampling, coupled_choice
 
             sampling = Sampling(**SEEDED) if seeded else Sampling()
             seq = list(self.prompts[prompt_index])

@@ -19,9 +19,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dsi.client import Client, GenerateResult
+from dsi.services.model.sampling import Sampling, coupled_choice
 from dsi.tiny_models import ARCHITECTURES
 from dsi.v1 import target_pb2, target_pb2_grpc
-from services.model.sampling import Sampling, coupled_choice
 from tests.integration.procs import Service, start_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

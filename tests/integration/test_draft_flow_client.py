@@ -12,16 +12,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dsi.services.drafter.engine import DrafterEngine
+from dsi.services.drafter.servicer import DrafterServicer
+from dsi.services.model.emulation import Emulation
+from dsi.services.model.loading import load_causal_lm
+from dsi.services.model.runner import ModelRunner
+from dsi.services.model.sampling import Sampling
+from dsi.services.model.worker import BACKGROUND
+from dsi.services.orchestrator.drafter_client import GrpcDrafterClient
+from dsi.services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
-from services.drafter.engine import DrafterEngine
-from services.drafter.servicer import DrafterServicer
-from services.model.emulation import Emulation
-from services.model.loading import load_causal_lm
-from services.model.runner import ModelRunner
-from services.model.sampling import Sampling
-from services.model.worker import BACKGROUND
-from services.orchestrator.drafter_client import GrpcDrafterClient
-from services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
 
 pytestmark = pytest.mark.integration
 
@@ -239,7 +239,7 @@ def test_background_drafts_may_wait_without_the_stream_being_abandoned(tiny_pair
     """The stall watchdog only watches urgent drafts: a stream whose next draft is background work
     is left waiting however long (under load the drafter makes background drafts only when idle);
     once its next draft is urgent again, a drafter that sends nothing is abandoned as before."""
-    from services.orchestrator.drafter_client import DrafterStalled
+    from dsi.services.orchestrator.drafter_client import DrafterStalled
 
     engine = _engine(tiny_pair[1], decode_ms=30_000)  # a hung drafter
 

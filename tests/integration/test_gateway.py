@@ -278,7 +278,7 @@ def test_the_builtin_pair_ships_a_chat_template() -> None:
 
 
 def test_the_gateway_imports_no_torch() -> None:
-    code = ("import sys, services.gateway.server, services.gateway.app, dsi.cli; dsi.cli.build_parser(); "
+    code = ("import sys, dsi.services.gateway.server, dsi.services.gateway.app, dsi.cli; dsi.cli.build_parser(); "
             "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dsi.services.model.sampling import Sampling, coupled_choice
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
-from services.model.sampling import Sampling, coupled_choice
 from tests.integration.procs import start_service
 
 pytestmark = pytest.mark.integration
@@ -113,7 +113,7 @@ def test_incremental_verify_references_the_held_prefix_by_length_and_hash(
     prefix_hash): same tokens as sending everything. A prefix the session does not hold (longer,
     other tokens, unknown or released session, cut back) is refused with FAILED_PRECONDITION, with no
     forward run and no session created."""
-    from services.runtime.prefixes import PrefixHashes
+    from dsi.services.runtime.prefixes import PrefixHashes
 
     target_dir, _ = tiny_pair
     model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsi.client import Client
-from services.model.sampling import Sampling, target_distribution
+from dsi.services.model.sampling import Sampling, target_distribution
 from tests.integration.procs import Service, start_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -187,7 +187,7 @@ def test_info_and_tokens_name_no_internal_endpoint_and_reflection_is_off(secured
 def test_a_request_id_with_a_newline_is_logged_escaped(secured: dict[str, Any]) -> None:
     c = secured["certs"]
     tls = ClientTLS.load(c["internal-ca.crt"], c["orchestrator-client.crt"], c["orchestrator-client.key"])
-    forged = "evil\nFORGED WARNING services.runtime.errors: request ok"
+    forged = "evil\nFORGED WARNING dsi.services.runtime.errors: request ok"
     with sync_channel(secured["target"].address, tls) as channel:
         stub = target_pb2_grpc.TargetServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:  # a prefix this target does not hold: refused and logged

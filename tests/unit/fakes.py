@@ -8,7 +8,7 @@ import selectors
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
+from dsi.services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
 
 VOCAB = 50
 

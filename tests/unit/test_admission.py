@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.orchestrator.admission import Admission, Busy
+from dsi.services.orchestrator.admission import Admission, Busy
 
 pytestmark = pytest.mark.unit
 

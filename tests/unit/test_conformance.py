@@ -15,8 +15,8 @@ import asyncio
 import numpy as np
 import pytest
 
+from dsi.services.orchestrator.scheduler import Draft, Scheduler, SchedulerConfig
 from dsi.sim.model import _dsi_run
-from services.orchestrator.scheduler import Draft, Scheduler, SchedulerConfig
 from tests.unit.fakes import VOCAB, FakeTarget, run_virtual, target_token
 
 pytestmark = pytest.mark.unit

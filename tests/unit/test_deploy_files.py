@@ -324,14 +324,14 @@ def validate_settings(ns: argparse.Namespace, where: str) -> Any:
     """Build the service's typed settings, which also checks what the parser alone does not."""
     try:
         if ns.role == "orchestrator":
-            from services.orchestrator.settings import settings_from_args
+            from dsi.services.orchestrator.settings import settings_from_args
 
             return settings_from_args(ns)
         if ns.role == "gateway":
-            from services.gateway.settings import settings_from_args as gateway_settings
+            from dsi.services.gateway.settings import settings_from_args as gateway_settings
 
             return gateway_settings(ns)
-        from services.model.settings import model_server_settings
+        from dsi.services.model.settings import model_server_settings
 
         return model_server_settings(ns, ns.role)
     except SystemExit as exc:

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from dsi.services.orchestrator.detokenizer import IncrementalText
+from dsi.services.runtime.errors import InvalidArgument
+from dsi.services.runtime.validation import GenerateLimits, validate_draft, validate_draft_grant, validate_generate
 from dsi.v1 import drafter_pb2, orchestrator_pb2
-from services.orchestrator.detokenizer import IncrementalText
-from services.runtime.errors import InvalidArgument
-from services.runtime.validation import GenerateLimits, validate_draft, validate_draft_grant, validate_generate
 
 pytestmark = pytest.mark.unit
 
@@ -143,8 +143,8 @@ def test_decoding_work_per_token_does_not_grow_with_the_output() -> None:
 
 
 def test_real_tokenizer_round_trip(tmp_path) -> None:
+    from dsi.services.orchestrator.tokenizer import load_tokenizer
     from dsi.tiny_models import build_tokenizer
-    from services.orchestrator.tokenizer import load_tokenizer
 
     build_tokenizer(300, [tmp_path])
     tok = load_tokenizer(str(tmp_path))
@@ -197,7 +197,7 @@ def test_draft_start_may_not_run_past_the_sequence_limit() -> None:
 
 
 def _context_request(max_new: int, truncate: bool = False):
-    from services.runtime.validation import new_tokens_within_context
+    from dsi.services.runtime.validation import new_tokens_within_context
 
     limits = GenerateLimits(vocab_size=100, max_new_tokens=1000, max_prompt_tokens=1000, max_lookahead=16,
                             default_lookahead=4, max_sequence_length=256)
@@ -251,7 +251,7 @@ def test_stop_strings_match_a_naive_search(seed: int) -> None:
 def test_many_long_stop_strings_share_one_automaton() -> None:
     """300 stop strings of 200 characters: one pass over the text finds the one that occurs and
     holds back exactly the part that may still become one."""
-    from services.orchestrator.stop_strings import StopMatcher
+    from dsi.services.orchestrator.stop_strings import StopMatcher
 
     stops = tuple(f"{i:05d}" + "x" * 195 for i in range(300))
     m = StopMatcher(stops)

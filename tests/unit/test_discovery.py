@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from services.orchestrator.discovery import (
+from dsi.services.orchestrator.discovery import (
     TargetDiscovery,
     format_address,
     resolve_targets,

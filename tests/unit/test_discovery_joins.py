@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
+from dsi.services.orchestrator.discovery import TargetDiscovery
+from dsi.services.orchestrator.pool import TargetPool
+from dsi.services.orchestrator.scheduler import WindowRequest
+from dsi.services.orchestrator.server import _target_info
 from dsi.v1 import common_pb2
-from services.orchestrator.discovery import TargetDiscovery
-from services.orchestrator.pool import TargetPool
-from services.orchestrator.scheduler import WindowRequest
-from services.orchestrator.server import _target_info
 from tests.unit.fake_target_server import FakeTargetServer, wait_for
 
 pytestmark = pytest.mark.unit

@@ -17,9 +17,9 @@ import asyncio
 
 import pytest
 
-from services.orchestrator.placement import Placement, Running
-from services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
-from services.orchestrator.targets import TargetInstance
+from dsi.services.orchestrator.placement import Placement, Running
+from dsi.services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
+from dsi.services.orchestrator.targets import TargetInstance
 from tests.unit.fakes import FakeDrafter, reference, run_virtual, target_token
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from services.model.loading import LoadedModel
-from services.model.runner import Chunking, ForwardCancelled, Job, ModelRunner
+from dsi.services.model.loading import LoadedModel
+from dsi.services.model.runner import Chunking, ForwardCancelled, Job, ModelRunner
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from services.model.kv_cache import crop_kv_cache, is_croppable, layer_lengths, new_kv_cache
-from services.model.loading import LoadedModel
-from services.model.runner import ForwardCancelled, Job, ModelRunner
+from dsi.services.model.kv_cache import crop_kv_cache, is_croppable, layer_lengths, new_kv_cache
+from dsi.services.model.loading import LoadedModel
+from dsi.services.model.runner import ForwardCancelled, Job, ModelRunner
 
 pytestmark = pytest.mark.unit
 

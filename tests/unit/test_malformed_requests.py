@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsi.services.runtime.errors import InvalidArgument, grpc_errors
+from dsi.services.runtime.serving import GrpcServer, ServerOptions, UndecodableRequest, decode_or_mark
 from dsi.v1 import drafter_pb2, drafter_pb2_grpc, target_pb2, target_pb2_grpc
-from services.runtime.errors import InvalidArgument, grpc_errors
-from services.runtime.serving import GrpcServer, ServerOptions, UndecodableRequest, decode_or_mark
 
 pytestmark = pytest.mark.unit
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import pytest
 
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult
+from dsi.services.orchestrator.service import Chunk, Orchestrator
+from dsi.services.runtime.params import Sampling
+from dsi.services.runtime.validation import GenerateLimits, GenerateParams, validate_generate
 from dsi.v1 import orchestrator_pb2
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.scheduler import WindowRequest, WindowResult
-from services.orchestrator.service import Chunk, Orchestrator
-from services.runtime.params import Sampling
-from services.runtime.validation import GenerateLimits, GenerateParams, validate_generate
 from tests.unit.fakes import VOCAB, FakeDrafter, FakeTarget, reference
 
 pytestmark = pytest.mark.unit

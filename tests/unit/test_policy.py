@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.orchestrator.policy import EpochState, Load, urgent_until, windows_to_dispatch
+from dsi.services.orchestrator.policy import EpochState, Load, urgent_until, windows_to_dispatch
 
 pytestmark = pytest.mark.unit
 

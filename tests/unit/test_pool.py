@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import pytest
 
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import Held, TargetPool
-from services.orchestrator.scheduler import RequestStats, WindowRequest
-from services.runtime.params import Mode
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.pool import Held, TargetPool
+from dsi.services.orchestrator.scheduler import RequestStats, WindowRequest
+from dsi.services.runtime.params import Mode
 
 pytestmark = pytest.mark.unit
 
@@ -244,7 +244,7 @@ def test_queue_depth_counts_only_live_waiters() -> None:
 
 
 def test_the_orchestrator_reports_not_serving_while_no_target_is_healthy() -> None:
-    from services.orchestrator.server import _health_follows_targets
+    from dsi.services.orchestrator.server import _health_follows_targets
 
     class FakeServer:
         def __init__(self) -> None:
@@ -432,7 +432,7 @@ class _RecordingStub(_FakeStub):
         self.refuse_next_reference = False
 
     def Verify(self, request, timeout=None):  # type: ignore[no-untyped-def]  # noqa: N802
-        from services.runtime.prefixes import PrefixHashes
+        from dsi.services.runtime.prefixes import PrefixHashes
 
         self.sent.append((request.prefix_length, list(request.token_ids)))
         if request.prefix_length:
@@ -528,7 +528,7 @@ def test_full_verify_sends_the_whole_sequence_every_time() -> None:
 
 def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int]]:
     """Instances A, B, C; A holds session "s" (600 committed tokens), B and C hold nothing of it."""
-    from services.runtime.prefixes import PrefixHashes
+    from dsi.services.runtime.prefixes import PrefixHashes
 
     pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
     for inst in pool.targets.all():
@@ -543,7 +543,7 @@ def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int
 
 def _occupy(pool: TargetPool, address: str, session: str, rank: int = 0) -> None:
     """Mark the instance as running a window of another session (as verify does)."""
-    from services.orchestrator.placement import Running
+    from dsi.services.orchestrator.placement import Running
 
     inst = pool.targets.get(address)
     inst.busy = True
@@ -617,8 +617,8 @@ def test_under_load_a_critical_window_takes_a_warm_instance_from_speculation() -
 
 def test_a_short_sequence_is_warm_everywhere() -> None:
     """Catching up on fewer than COLD_TOKENS tokens is no prefill: any idle instance is spare."""
-    from services.orchestrator.pool import COLD_TOKENS
-    from services.runtime.prefixes import PrefixHashes
+    from dsi.services.orchestrator.pool import COLD_TOKENS
+    from dsi.services.runtime.prefixes import PrefixHashes
 
     async def main() -> None:
         pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)

@@ -11,10 +11,10 @@ import asyncio
 import grpc
 import pytest
 
+from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.pool import TargetPool, Unavailable
+from dsi.services.orchestrator.scheduler import WindowRequest
 from dsi.v1 import common_pb2
-from services.orchestrator.metrics import OrchestratorMetrics
-from services.orchestrator.pool import TargetPool, Unavailable
-from services.orchestrator.scheduler import WindowRequest
 from tests.unit.fake_target_server import FakeTargetServer, Faults
 
 pytestmark = pytest.mark.unit

@@ -10,11 +10,11 @@ import asyncio
 import grpc
 import pytest
 
+from dsi.services.orchestrator.pool import TargetPool, model_mismatch
+from dsi.services.orchestrator.scheduler import WindowRequest
+from dsi.services.runtime.errors import _status_for
+from dsi.services.runtime.model_errors import DeviceOutOfMemory
 from dsi.v1 import common_pb2
-from services.orchestrator.pool import TargetPool, model_mismatch
-from services.orchestrator.scheduler import WindowRequest
-from services.runtime.errors import _status_for
-from services.runtime.model_errors import DeviceOutOfMemory
 from tests.unit.fake_target_server import FakeTargetServer
 
 pytestmark = pytest.mark.unit

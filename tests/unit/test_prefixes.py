@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from services.model.emulation import Emulation
-from services.model.loading import LoadedModel
-from services.model.runner import ForwardCancelled, Job, ModelRunner
-from services.runtime.model_errors import PrefixNotHeld
-from services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
+from dsi.services.model.emulation import Emulation
+from dsi.services.model.loading import LoadedModel
+from dsi.services.model.runner import ForwardCancelled, Job, ModelRunner
+from dsi.services.runtime.model_errors import PrefixNotHeld
+from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len, extend
 
 pytestmark = pytest.mark.unit
 

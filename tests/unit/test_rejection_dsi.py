@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 import pytest
 import torch
 
-from services.model.sampling import (
+from dsi.services.model.sampling import (
     Sampling,
     dense_from_sparse,
     draft_sample,
@@ -23,8 +23,8 @@ from services.model.sampling import (
     sparse_from_dense,
     target_distribution,
 )
-from services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source, WindowRequest
-from services.runtime.params import Verification
+from dsi.services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source, WindowRequest
+from dsi.services.runtime.params import Verification
 from tests.unit.fakes import FakeTarget, run_virtual
 
 pytestmark = pytest.mark.unit

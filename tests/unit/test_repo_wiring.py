@@ -87,7 +87,7 @@ def test_the_limit_flags_are_orchestrator_flags(flag: str) -> None:
     """What the README documents is a flag the orchestrator takes (with an environment fallback)."""
     import argparse
 
-    from services.orchestrator.settings import add_arguments
+    from dsi.services.orchestrator.settings import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

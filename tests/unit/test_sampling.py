@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from services.model.sampling import (
+from dsi.services.model.sampling import (
     Sampling,
     coupled_choice,
     dense_from_sparse,
@@ -20,7 +20,7 @@ from services.model.sampling import (
     target_distribution,
     uniform_noise,
 )
-from services.runtime.params import Verification
+from dsi.services.runtime.params import Verification
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.orchestrator.scheduler import CommittedToken, Scheduler, SchedulerConfig, Source
+from dsi.services.orchestrator.scheduler import CommittedToken, Scheduler, SchedulerConfig, Source
 from tests.unit.fakes import FakeDrafter, FakeTarget, reference, run_virtual
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from services.orchestrator.scheduler import CommittedToken, Scheduler, SchedulerConfig
+from dsi.services.orchestrator.scheduler import CommittedToken, Scheduler, SchedulerConfig
 from tests.unit.fakes import FakeDrafter, FakeTarget, reference, run_virtual
 
 pytestmark = pytest.mark.unit

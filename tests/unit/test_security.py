@@ -21,20 +21,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsi.cluster import ClusterError, ClusterSpec, ClusterTLS
+from dsi.services.orchestrator.scheduler import CommittedToken, Source
+from dsi.services.orchestrator.server import naming_resolver
+from dsi.services.orchestrator.service import Chunk
+from dsi.services.orchestrator.servicer import OrchestratorServicer
+from dsi.services.orchestrator.targets import TargetSnapshot
+from dsi.services.runtime import auth
+from dsi.services.runtime.auth import UNAUTHENTICATED_MESSAGE, ApiKeyError, ApiKeyInterceptor, ApiKeys, bearer_token
+from dsi.services.runtime.disclosure import BUILTIN_NAME, EndpointLabels, public_model_name
+from dsi.services.runtime.errors import InvalidArgument, Unavailable
+from dsi.services.runtime.log_fields import escaped
+from dsi.services.runtime.serving import GrpcServer, ServerOptions
+from dsi.services.runtime.validation import GenerateLimits
 from dsi.tls import ClientTLS, CredentialsError, bearer_metadata, client_tls, first_key, read_pem
 from dsi.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.scheduler import CommittedToken, Source
-from services.orchestrator.server import naming_resolver
-from services.orchestrator.service import Chunk
-from services.orchestrator.servicer import OrchestratorServicer
-from services.orchestrator.targets import TargetSnapshot
-from services.runtime import auth
-from services.runtime.auth import UNAUTHENTICATED_MESSAGE, ApiKeyError, ApiKeyInterceptor, ApiKeys, bearer_token
-from services.runtime.disclosure import BUILTIN_NAME, EndpointLabels, public_model_name
-from services.runtime.errors import InvalidArgument, Unavailable
-from services.runtime.log_fields import escaped
-from services.runtime.serving import GrpcServer, ServerOptions
-from services.runtime.validation import GenerateLimits
 
 pytestmark = pytest.mark.unit
 
@@ -352,8 +352,8 @@ def pem_files(tmp_path: Path) -> dict[str, str]:
 
 
 def test_tls_and_key_flags_with_environment_fallbacks(pem_files: dict[str, str]) -> None:
-    from services.model.settings import model_server_settings
-    from services.orchestrator.settings import settings_from_args
+    from dsi.services.model.settings import model_server_settings
+    from dsi.services.orchestrator.settings import settings_from_args
 
     f = pem_files
     target = model_server_settings(_parse(["serve", "target"], {
@@ -387,7 +387,7 @@ def test_tls_and_key_flags_with_environment_fallbacks(pem_files: dict[str, str])
 ])
 def test_bad_tls_settings_stop_the_start_naming_the_flag(pem_files: dict[str, str], args: list[str],
                                                          message: str) -> None:
-    from services.orchestrator.settings import settings_from_args
+    from dsi.services.orchestrator.settings import settings_from_args
 
     files = {**pem_files, "missing": "/nonexistent/x.crt"}
     ns = _parse(["serve", "orchestrator", "--targets", "t:1",
@@ -397,7 +397,7 @@ def test_bad_tls_settings_stop_the_start_naming_the_flag(pem_files: dict[str, st
 
 
 def test_the_gateway_reads_its_keys_and_orchestrator_credentials(pem_files: dict[str, str]) -> None:
-    from services.gateway.settings import settings_from_args
+    from dsi.services.gateway.settings import settings_from_args
 
     f = pem_files
     s = settings_from_args(_parse(["serve", "gateway"], {
@@ -411,9 +411,9 @@ def test_the_gateway_reads_its_keys_and_orchestrator_credentials(pem_files: dict
 
 
 def test_every_listener_binds_loopback_unless_told_otherwise() -> None:
-    from services.gateway.settings import settings_from_args as gateway_settings
-    from services.model.settings import model_server_settings
-    from services.orchestrator.settings import settings_from_args
+    from dsi.services.gateway.settings import settings_from_args as gateway_settings
+    from dsi.services.model.settings import model_server_settings
+    from dsi.services.orchestrator.settings import settings_from_args
 
     assert ServerOptions().host == "127.0.0.1"
     for role in ("target", "drafter"):
@@ -422,7 +422,7 @@ def test_every_listener_binds_loopback_unless_told_otherwise() -> None:
     assert gateway_settings(_parse(["serve", "gateway"])).server.host == "127.0.0.1"
     assert _parse(["up"]).host == "127.0.0.1"
     with mock.patch("prometheus_client.start_http_server") as start:  # metrics bind the service's own host
-        from services.runtime.serving import start_metrics_server
+        from dsi.services.runtime.serving import start_metrics_server
 
         start_metrics_server(9999, object())
     assert start.call_args.kwargs["addr"] == "127.0.0.1"
@@ -439,7 +439,7 @@ def test_a_local_cluster_hides_internals_once_secured(tmp_path: Path) -> None:
 
 def test_the_orchestrator_refusing_the_gateways_own_key_is_a_server_error() -> None:
     from dsi.client import DSIError
-    from services.gateway.errors import from_dsi_error
+    from dsi.services.gateway.errors import from_dsi_error
 
     for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         error = from_dsi_error(DSIError(code, "a valid API key is required"), {}, "req")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.model.session_cache import SessionCache, common_prefix_len
+from dsi.services.model.session_cache import SessionCache, common_prefix_len
 
 pytestmark = pytest.mark.unit
 

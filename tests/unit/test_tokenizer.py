@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsi.builtin import PRETRAINED
-from services.orchestrator.tokenizer import FastTokenizer, TokenizerError, load_tokenizer
+from dsi.services.orchestrator.tokenizer import FastTokenizer, TokenizerError, load_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -72,8 +72,8 @@ def test_a_directory_without_a_tokenizer_is_a_clear_error(tmp_path: Path) -> Non
 def test_loading_and_using_the_tokenizer_imports_no_torch() -> None:
     code = (
         "import sys\n"
-        "import services.orchestrator.server\n"
-        "from services.orchestrator.tokenizer import load_tokenizer\n"
+        "import dsi.services.orchestrator.server\n"
+        "from dsi.services.orchestrator.tokenizer import load_tokenizer\n"
         f"t = load_tokenizer({str(PRETRAINED / 'target')!r})\n"
         "assert t.decode(t.encode('def f(x):')) == 'def f(x):'\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from dsi.services.orchestrator.tuning import DECODE_TOKENS, MIN_SAMPLES, Choice, Tuner, grid_point
 from dsi.sim.model import suggest
-from services.orchestrator.tuning import DECODE_TOKENS, MIN_SAMPLES, Choice, Tuner, grid_point
 
 pytestmark = pytest.mark.unit
 
@@ -71,8 +71,8 @@ def test_the_lookahead_never_exceeds_the_servers_limit() -> None:
 def test_auto_flags() -> None:
     import argparse
 
-    from services.orchestrator.settings import add_arguments, settings_from_args
-    from services.runtime.validation import AUTO_SP
+    from dsi.services.orchestrator.settings import add_arguments, settings_from_args
+    from dsi.services.runtime.validation import AUTO_SP
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

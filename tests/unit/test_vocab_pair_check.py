@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from dsi.services.model.loading import vocab_fingerprint
+from dsi.services.orchestrator.server import StartupError, check_vocabularies
 from dsi.v1 import common_pb2
-from services.model.loading import vocab_fingerprint
-from services.orchestrator.server import StartupError, check_vocabularies
 
 pytestmark = pytest.mark.unit
 
@@ -190,8 +190,8 @@ class RecordingChannel:
 def test_the_drafter_client_asks_for_ids_below_the_targets_vocabulary() -> None:
     import asyncio
 
+    from dsi.services.orchestrator.drafter_client import GrpcDrafterClient
     from dsi.v1 import drafter_pb2_grpc
-    from services.orchestrator.drafter_client import GrpcDrafterClient
 
     async def first_request(client: GrpcDrafterClient, channel: RecordingChannel) -> Any:
         client.open("s", [1, 2, 3], 4, False)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from services.model.worker import BACKGROUND, URGENT, PriorityWorker
+from dsi.services.model.worker import BACKGROUND, URGENT, PriorityWorker
 
 pytestmark = pytest.mark.unit
 
