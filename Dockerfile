@@ -95,7 +95,7 @@ COPY dsi ./dsi
 RUN pip install --no-deps --no-build-isolation --no-cache-dir -c constraints.txt . \
     && site="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && mkdir -p "/overlay$site" /overlay/opt/venv/bin \
-    && cp -a "$site/dsi" "$site/services" "$site"/dsi-*.dist-info "/overlay$site/" \
+    && cp -a "$site/dsi" "$site"/dsi-*.dist-info "/overlay$site/" \
     && cp -a /opt/venv/bin/dsi /overlay/opt/venv/bin/
 
 # The built-in model pair: dsi/pretrained when it is in the package, otherwise the tiny random pair,
