@@ -347,7 +347,7 @@ class Scheduler:
             self._stopped = True
 
     def _apply(
-        self, base: int, drafts: list[Draft], decided: int, start: int, result: WindowResult
+        self, drafts: list[Draft], decided: int, start: int, result: WindowResult
     ) -> tuple[int, _EpochEnd | None]:
         """Apply a window's result (drafts[start:end], bonus at end) in position order.
 
@@ -410,7 +410,7 @@ class Scheduler:
                 self._account(request)
             self.stats.retries += result.retries
             self.stats.windows_applied += 1
-            self._apply(base, [], 0, 0, result)
+            self._apply([], 0, 0, result)
 
     async def _collect_drafts(self, base: int, count: int) -> list[Draft]:
         assert self.drafter is not None
@@ -449,7 +449,7 @@ class Scheduler:
                 self._account(request)
             self.stats.retries += result.retries
             self.stats.windows_applied += 1
-            self._apply(base, drafts, 0, 0, result)
+            self._apply(drafts, 0, 0, result)
 
     # -- DSI --------------------------------------------------------------------------------------
 
@@ -494,7 +494,7 @@ class Scheduler:
             assert window.result is not None
             ep.applied += 1
             self.stats.windows_applied += 1
-            ep.decided, end = self._apply(ep.base, ep.drafts, ep.decided, window.start, window.result)
+            ep.decided, end = self._apply(ep.drafts, ep.decided, window.start, window.result)
             if end is not None:
                 return end
         if ep.applied > applied:

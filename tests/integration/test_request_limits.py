@@ -18,6 +18,9 @@ LIMITS = {"max_prompt_bytes": 1000, "max_stop_strings": 3, "max_stop_length": 10
           "max_new_tokens_limit": 40, "max_request_id_length": 20, "max_request_bytes": "4096"}  # int64: a string
 
 
+ORCHESTRATOR_PID: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def orchestrator(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logs = tmp_path_factory.mktemp("limits-logs")
@@ -30,6 +33,7 @@ def orchestrator(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPath
             "--max-stop-length", "10", "--max-prompt-tokens", "16", "--max-new-tokens", "40",
             "--max-request-id-length", "20", "--max-request-bytes", "4096"], logs)
         started.append(orch)
+        ORCHESTRATOR_PID.append(orch.process.pid)
         yield orch.address
     finally:
         for s in reversed(started):
@@ -82,3 +86,13 @@ def test_a_request_message_over_the_byte_limit_is_refused_before_it_is_decoded(o
             client.generate("hi", max_new_tokens=4, stop=["s" * 10] * 500)  # about 6 kB
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details
         assert client.generate("hi", max_new_tokens=2).finish_reason in ("length", "eos")  # still serving
+
+
+def test_the_running_orchestrator_has_no_torch_loaded(orchestrator: str) -> None:
+    """It runs no model: after serving requests, no torch library is mapped into its process (the
+    tokenizer is HuggingFace tokenizers, validation is torch-free)."""
+    with Client(orchestrator, timeout=30) as client:
+        client.generate("def f(x):", max_new_tokens=4, ignore_eos=True)
+    maps = Path(f"/proc/{ORCHESTRATOR_PID[0]}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    assert "tokenizers" in maps  # the check can see libraries: the tokenizer's native one is there
