@@ -165,7 +165,9 @@ def measure_modes(
             # a function of (seed, position), so SI and DSI see the same acceptances (common random
             # numbers, as in the simulator) and their ratio is not blurred by acceptance noise.
             seed = 1000 + index
-            for mode in modes:
+            # The two DSI runs swap places every other prompt, so neither always follows the other.
+            order = modes if index % 2 == 0 or not auto else (*MODES[:-1], AUTO_MODE, MODES[-1])
+            for mode in order:
                 calls_before = drafter_calls()
                 t0 = time.perf_counter()
                 res = client.generate(
