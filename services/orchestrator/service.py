@@ -137,11 +137,13 @@ class Orchestrator:
         if params.mode is Mode.SI:
             choice: Choice | None = self.tuner.choose_si()
         else:
-            choice, stale = self.tuner.lookup(targets)
+            # A fixed SP degree (0: every healthy target) gets the lookahead best for it.
+            sp = None if auto_sp else (min(params.sp_degree, targets) if params.sp_degree > 0 else targets)
+            choice, stale = self.tuner.lookup(targets, sp)
             if choice is None:  # the very first choice: simulate it now, off the event loop
-                choice = await asyncio.to_thread(self.tuner.choose, targets)
+                choice = await asyncio.to_thread(self.tuner.choose, targets, sp)
             elif stale and self._tuning is None:  # the estimates moved: simulate the new point meanwhile
-                self._tuning = asyncio.create_task(asyncio.to_thread(self.tuner.choose, targets))
+                self._tuning = asyncio.create_task(asyncio.to_thread(self.tuner.choose, targets, sp))
                 self._tuning.add_done_callback(self._tuned_in_background)
         assert choice is not None
         return replace(

@@ -66,10 +66,14 @@ class Estimates:
                    for e in (self.target_s, self.draft_s, self.acceptance))
 
 
+C_STEP = math.log(1.1)  # the grid: c in 10% steps, a in 0.05 steps
+A_STEP = 0.05
+
+
 def grid_point(c: float, a: float) -> tuple[float, float]:
     """c rounded on a 10% log grid (within [0.005, 4]), a to 0.05 (within [0, 0.95])."""
     c = min(4.0, max(0.005, c))
-    step = math.log(1.1)
+    step = C_STEP
     c = round(math.exp(round(math.log(c) / step) * step), 4)
     return c, round(min(0.95, max(0.0, round(a / 0.05) * 0.05)), 2)
 
@@ -77,39 +81,52 @@ def grid_point(c: float, a: float) -> tuple[float, float]:
 class Tuner:
     """Lookahead and SP degree per request (``choose``); simulations cached per grid point."""
 
-    def __init__(self, max_lookahead: int, fallback_lookahead: int = 5, runs: int = 40, tokens: int = 128) -> None:
+    def __init__(self, max_lookahead: int, fallback_lookahead: int = 5, runs: int = 24, tokens: int = 96) -> None:
         self.estimates = Estimates()
         self.max_lookahead = max(1, max_lookahead)
         self.fallback_lookahead = fallback_lookahead
         self.runs, self.tokens = runs, tokens
-        self._cache: dict[tuple[float, float, int], tuple[int, int]] = {}
-        self._latest: dict[int, Choice] = {}  # per pool size, the last choice made from measurements
+        # (c, a, healthy targets, fixed SP or 0) -> (lookahead, SP degree)
+        self._cache: dict[tuple[float, float, int, int], tuple[int, int]] = {}
+        # Per (pool size, fixed SP or 0), the last choice made from measurements.
+        self._latest: dict[tuple[int, int], Choice] = {}
+        self._point: tuple[float, float] | None = None  # the grid point in use
         self._lock = threading.Lock()
 
     def point(self) -> tuple[float, float] | None:
+        """The grid point of the current estimates, with hysteresis: it stays where it was until the
+        estimates are 1.5 grid steps away (jitter at a boundary would otherwise simulate and switch
+        back and forth)."""
         e = self.estimates
         if not e.ready():
             return None
         assert e.target_s.value is not None and e.draft_s.value is not None and e.acceptance.value is not None
-        return grid_point(e.draft_s.value / max(e.target_s.value, 1e-6), e.acceptance.value)
+        c, a = e.draft_s.value / max(e.target_s.value, 1e-6), e.acceptance.value
+        last = self._point
+        if last is not None and abs(math.log(max(c, 1e-9) / last[0])) < 1.5 * C_STEP \
+                and abs(a - last[1]) < 1.5 * A_STEP:
+            return last
+        self._point = grid_point(c, a)
+        return self._point
 
-    def cached(self, targets: int) -> Choice | None:
-        """The choice for the current estimates if it is known (no simulation needed)."""
+    def cached(self, targets: int, sp: int | None = None) -> Choice | None:
+        """The choice for the current estimates if it is known (no simulation needed). ``sp``: the
+        request's fixed SP degree (the lookahead is chosen for it), None to choose it too."""
         point = self.point()
         if point is None:
-            return Choice(self.fallback_lookahead, max(1, targets), auto=False)
-        hit = self._cache.get((*point, max(1, targets)))
+            return Choice(self.fallback_lookahead, sp or max(1, targets), auto=False)
+        hit = self._cache.get((*point, max(1, targets), sp or 0))
         return Choice(hit[0], hit[1], auto=True) if hit is not None else None
 
-    def lookup(self, targets: int) -> tuple[Choice | None, bool]:
+    def lookup(self, targets: int, sp: int | None = None) -> tuple[Choice | None, bool]:
         """What a request uses now without waiting for a simulation, and whether the current point
         still needs one (run ``choose`` in the background): the point's choice when known, else the
         last choice made for this pool size (the estimates moved to a new point), else None (the
         first choice: the caller simulates it)."""
-        known = self.cached(targets)
+        known = self.cached(targets, sp)
         if known is not None:
             return known, False
-        return self._latest.get(max(1, targets)), True
+        return self._latest.get((max(1, targets), sp or 0)), True
 
     def choose_si(self) -> Choice:
         """SI's lookahead for the current estimates: the closed form's best (SI runs one window)."""
@@ -122,23 +139,29 @@ class Tuner:
         best = min(range(1, min(self.max_lookahead, 10) + 1), key=lambda n: si_analytic_time_per_token(c, a, n))
         return Choice(best, 1, auto=True)
 
-    def choose(self, targets: int) -> Choice:
+    def choose(self, targets: int, sp: int | None = None) -> Choice:
         """The choice for the current estimates and this many healthy targets (simulates on a cache
-        miss: tens of milliseconds; call it off the event loop)."""
-        known = self.cached(targets)
+        miss: tens of milliseconds; call it off the event loop). With ``sp`` fixed, the lookahead
+        best at that SP degree; else the SP degree too (``suggest``: the smallest within 2% of the
+        best)."""
+        known = self.cached(targets, sp)
         if known is not None:
             if known.auto:
-                self._latest[max(1, targets)] = known
+                self._latest[(max(1, targets), sp or 0)] = known
             return known
         point = self.point()
         assert point is not None
-        key = (*point, max(1, targets))
-        from dsi.sim.model import suggest
+        key = (*point, max(1, targets), sp or 0)
+        lookaheads = range(1, min(self.max_lookahead, 10) + 1)
+        from dsi.sim.model import best_lookahead, suggest
 
-        s = suggest(point[0], point[1], key[2], lookaheads=range(1, min(self.max_lookahead, 10) + 1),
-                    runs=self.runs, tokens=self.tokens)
-        choice = Choice(s.lookahead, s.sp, auto=True)
+        if sp:
+            best, _ = best_lookahead(point[0], point[1], sp, lookaheads, runs=self.runs, tokens=self.tokens)
+            choice = Choice(best, sp, auto=True)
+        else:
+            s = suggest(point[0], point[1], key[2], lookaheads=lookaheads, runs=self.runs, tokens=self.tokens)
+            choice = Choice(s.lookahead, s.sp, auto=True)
         with self._lock:
-            self._cache[key] = (s.lookahead, s.sp)
-            self._latest[key[2]] = choice
+            self._cache[key] = (choice.lookahead, choice.sp)
+            self._latest[(key[2], key[3])] = choice
         return choice

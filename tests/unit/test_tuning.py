@@ -107,3 +107,27 @@ def test_a_new_point_uses_the_last_choice_until_it_is_simulated() -> None:
     assert tuner.lookup(targets=4) == (first, True)  # no waiting: the last choice, and simulate
     second = tuner.choose(targets=4)
     assert tuner.lookup(targets=4) == (second, False)
+
+
+def test_jitter_at_a_grid_boundary_does_not_move_the_point() -> None:
+    tuner = Tuner(max_lookahead=64)
+    _measured(tuner, target_s=0.040, draft_s=0.004, acceptance=0.8)
+    first = tuner.point()
+    for gap in (0.0042, 0.0039, 0.0043, 0.0038) * 10:  # +-7%: within 1.5 grid steps
+        tuner.estimates.draft_gap(gap)
+        assert tuner.point() == first
+    for _ in range(60):
+        tuner.estimates.draft_gap(0.006)  # +50%: a new point
+    assert tuner.point() != first
+
+
+def test_with_a_fixed_sp_degree_the_lookahead_is_the_best_for_it() -> None:
+    from dsi.sim.model import best_lookahead
+
+    tuner = Tuner(max_lookahead=64, runs=10, tokens=64)
+    _measured(tuner, target_s=0.040, draft_s=0.004, acceptance=0.8)
+    c, a = grid_point(0.1, 0.8)
+    expected, _ = best_lookahead(c, a, 4, range(1, 11), runs=10, tokens=64)
+    assert tuner.choose(targets=4, sp=4) == Choice(expected, 4, auto=True)
+    assert tuner.lookup(targets=4, sp=4) == (Choice(expected, 4, auto=True), False)
+    assert tuner.lookup(targets=4) == (None, True)  # the auto-SP choice is another entry
