@@ -75,6 +75,7 @@ def test_bench_quick_writes_complete_json(tmp_path: Path) -> None:
         "--max-new-tokens",
         "16",
         "--skip-real",
+        "--auto-lookahead",
         "--out-dir",
         str(tmp_path),
     ]
@@ -122,7 +123,16 @@ def test_bench_quick_writes_complete_json(tmp_path: Path) -> None:
         "dsi_fastest_pass": sum(c["dsi_fastest"]["pass"] for c in checked),
         "dsi_vs_sim_pass": sum(c["dsi_vs_sim"]["pass"] for c in checked),
         "all_pass": all(c["dsi_fastest"]["pass"] and c["dsi_vs_sim"]["pass"] for c in checked),
+        "auto_lookahead_pass": sum(c["auto"]["pass"] for c in cells),
+        "auto_lookahead_cells": 2,
     }
+    # --auto-lookahead: DSI with the server's choice, next to the fixed best lookahead, per cell.
+    for cell in cells:
+        auto = cell["auto"]
+        assert len(auto["per_prompt_ms_per_token"]) == 2 and all(n == 16 for n in auto["new_tokens"])
+        assert all(auto["auto_tuned"]) and 1 <= auto["lookahead_chosen"] <= 10
+        assert auto["ratio_to_best_fixed"] == pytest.approx(auto["ms_per_token"] / cell["modes"]["dsi"]["ms_per_token"])
+    assert "Automatic lookahead" in proc.stdout
     assert f"criteria checked on {len(checked)}/2 cells" in proc.stdout
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert (tmp_path / "overhead.png").stat().st_size > 0
