@@ -218,6 +218,7 @@ class TargetPool:
                     # the instance stays in the pool and the window tries another one.
                 reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "marked down"
                 retries += 1
+                window.timing.retries += 1
                 if self.metrics is not None:
                     self.metrics.retries.inc()
                 if retries > self.max_retries:

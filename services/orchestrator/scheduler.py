@@ -64,6 +64,7 @@ class WindowTiming:
     held_s: float = 0.0
     acquired: int = 0
     preempted: int = 0
+    retries: int = 0  # times it failed on an instance and was sent to another
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ class Scheduler:
         """Target cost of a finished window (completed, failed or cancelled)."""
         self.stats.target_forwards += window.timing.acquired
         self.stats.windows_preempted += window.timing.preempted
+        self.stats.retries += window.timing.retries  # also of windows cancelled or never applied
         if window.rank == 0:
             self.stats.critical_queue_wait_s += window.timing.queued_s
 
@@ -408,7 +410,6 @@ class Scheduler:
                 result = await self.target.verify(request)
             finally:
                 self._account(request)
-            self.stats.retries += result.retries
             self.stats.windows_applied += 1
             self._apply([], 0, 0, result)
 
@@ -447,7 +448,6 @@ class Scheduler:
                 result = await self.target.verify(request)
             finally:
                 self._account(request)
-            self.stats.retries += result.retries
             self.stats.windows_applied += 1
             self._apply(drafts, 0, 0, result)
 
@@ -477,7 +477,6 @@ class Scheduler:
                     if exc is not None:
                         raise exc
                     window.result = window.task.result()
-                    self.stats.retries += window.result.retries
                     end = self._apply_ready(ep)
                     if end is not None:
                         return

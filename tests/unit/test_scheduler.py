@@ -271,3 +271,21 @@ def test_when_no_target_is_spare_dsi_sends_only_full_critical_windows() -> None:
     budget_end = len(PROMPT) + n - 1  # the last position is never drafted
     for w, d in zip(target.calls, drafts, strict=True):
         assert d == lookahead or len(w.token_ids) == budget_end, drafts
+
+
+class _RetriedOnceTarget(FakeTarget):
+    """Every window is retried once on its way (as the pool records when an instance fails)."""
+
+    async def verify(self, window):  # type: ignore[no-untyped-def]
+        window.timing.retries += 1
+        return await super().verify(window)
+
+
+@pytest.mark.parametrize("mode", ["dsi", "si", "nonsi"])
+def test_retries_count_every_window_also_those_cancelled(mode: str) -> None:
+    target = _RetriedOnceTarget(instances=4, latency=1.0)
+    out, _, stats, _ = generate(mode, target, FakeDrafter(latency=0.1, acceptance=0.5), n=30, lookahead=3)
+    assert out == reference(PROMPT, 30)
+    assert stats.retries == len(target.calls) == stats.windows_dispatched
+    if mode == "dsi":
+        assert stats.windows_cancelled > 0  # some of those retried windows were never applied
