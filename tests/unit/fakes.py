@@ -114,12 +114,12 @@ class FakeTarget:
         return WindowResult(tokens, target="fake", compute_s=self.latency)
 
 
-class FakeStream:
-    """A credit-based draft stream: sends as many drafts as granted, waits idle for more grants,
-    ends once its credit is used after ``end_grants``."""
+class CreditStream:
+    """A credit-based draft stream: sends as many drafts as granted, one per ``latency`` (virtual),
+    waits idle for more grants, ends once its credit is used after ``end_grants``. Subclasses say what
+    each draft is (``next_draft``, given the sequence so far)."""
 
-    def __init__(self, drafter: FakeDrafter, prefix: list[int], max_tokens: int) -> None:
-        self.drafter = drafter
+    def __init__(self, prefix: list[int], max_tokens: int) -> None:
         self.prefix = list(prefix)
         self.credit = max_tokens
         self.grants: list[int] = [max_tokens]
@@ -127,6 +127,13 @@ class FakeStream:
         self.cancelled = False
         self.urgent: list[int] = []
         self._wake = asyncio.Event()
+
+    @property
+    def latency(self) -> float:
+        raise NotImplementedError
+
+    def next_draft(self, seq: list[int]) -> Draft:
+        raise NotImplementedError
 
     def grant(self, n: int) -> None:
         assert n >= 1, n
@@ -142,10 +149,8 @@ class FakeStream:
         self._wake.set()
 
     def cancel(self) -> None:
-        if not self.cancelled:
-            self.cancelled = True
-            self.drafter.cancels += 1
-            self._wake.set()
+        self.cancelled = True
+        self._wake.set()
 
     async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
         seq = list(self.prefix)
@@ -155,18 +160,38 @@ class FakeStream:
                 await self._wake.wait()
             if self.cancelled or self.credit == 0:
                 return
-            await asyncio.sleep(self.drafter.latency)
+            await asyncio.sleep(self.latency)
             if self.cancelled:
                 return
-            if self.drafter.fail_after is not None and self.drafter.produced >= self.drafter.fail_after:
-                raise ConnectionError("drafter died")
-            right = target_token(seq)
-            pos = len(seq)
-            token = right if coin(pos, self.drafter.salt) < self.drafter.acceptance else (right + 1) % VOCAB
-            seq.append(token)
+            draft = self.next_draft(seq)
+            seq.append(draft.token_id)
             self.credit -= 1
-            self.drafter.produced += 1
-            yield Draft(token)
+            yield draft
+
+
+class FakeStream(CreditStream):
+    """The drafter proposes the target's token with probability ``acceptance`` (a coin per position)."""
+
+    def __init__(self, drafter: FakeDrafter, prefix: list[int], max_tokens: int) -> None:
+        super().__init__(prefix, max_tokens)
+        self.drafter = drafter
+
+    @property
+    def latency(self) -> float:
+        return self.drafter.latency
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.drafter.cancels += 1
+        super().cancel()
+
+    def next_draft(self, seq: list[int]) -> Draft:
+        if self.drafter.fail_after is not None and self.drafter.produced >= self.drafter.fail_after:
+            raise ConnectionError("drafter died")
+        right = target_token(seq)
+        token = right if coin(len(seq), self.drafter.salt) < self.drafter.acceptance else (right + 1) % VOCAB
+        self.drafter.produced += 1
+        return Draft(token)
 
 
 @dataclass

@@ -17,52 +17,27 @@ import pytest
 
 from dsi.services.orchestrator.scheduler import Draft, Scheduler, SchedulerConfig
 from dsi.sim.model import _dsi_run
-from tests.unit.fakes import VOCAB, FakeTarget, run_virtual, target_token
+from tests.unit.fakes import VOCAB, CreditStream, FakeTarget, run_virtual, target_token
 
 pytestmark = pytest.mark.unit
 
 PROMPT = [3, 1, 4, 1, 5]
 
 
-class ScriptedStream:
+class ScriptedStream(CreditStream):
     """Drafts at ``latency`` each under credit; the draft at epoch index K is wrong."""
 
     def __init__(self, latency: float, prefix: list[int], credit: int, reject_at: int) -> None:
-        self.latency, self.seq, self.credit = latency, list(prefix), credit
-        self.base, self.reject_at = len(prefix), reject_at
-        self.ended = self.cancelled = False
-        self._wake = asyncio.Event()
+        super().__init__(prefix, credit)
+        self._latency, self.base, self.reject_at = latency, len(prefix), reject_at
 
-    def grant(self, n: int) -> None:
-        self.credit += n
-        self._wake.set()
+    @property
+    def latency(self) -> float:
+        return self._latency
 
-    def end_grants(self) -> None:
-        self.ended = True
-        self._wake.set()
-
-    def set_urgent(self, until: int) -> None:
-        pass
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._wake.set()
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        while True:
-            while self.credit == 0 and not self.ended and not self.cancelled:
-                self._wake.clear()
-                await self._wake.wait()
-            if self.cancelled or self.credit == 0:
-                return
-            await asyncio.sleep(self.latency)
-            if self.cancelled:
-                return
-            right = target_token(self.seq)
-            token = (right + 1) % VOCAB if len(self.seq) - self.base == self.reject_at else right
-            self.seq.append(token)
-            self.credit -= 1
-            yield Draft(token)
+    def next_draft(self, seq: list[int]) -> Draft:
+        right = target_token(seq)
+        return Draft((right + 1) % VOCAB if len(seq) - self.base == self.reject_at else right)
 
 
 class ScriptedDrafter:

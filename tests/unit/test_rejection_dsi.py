@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ from dsi.services.model.sampling import (
 )
 from dsi.services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source, WindowRequest
 from dsi.services.runtime.params import Verification
-from tests.unit.fakes import FakeTarget, run_virtual
+from tests.unit.fakes import CreditStream, FakeTarget, run_virtual
 
 pytestmark = pytest.mark.unit
 
@@ -79,48 +79,21 @@ class RejectionTarget(FakeTarget):
         return type(result)(tokens, result.target, result.compute_s)
 
 
-class SampledStream:
-    """A credit-based draft stream (as ``fakes.FakeStream``) whose drafts are sampled from q."""
+class SampledStream(CreditStream):
+    """A credit-based draft stream (``fakes.CreditStream``) whose drafts are sampled from q."""
 
     def __init__(self, session_id: str, prefix: list[int], max_tokens: int, latency: float) -> None:
+        super().__init__(prefix, max_tokens)
         self.s = _sampling(session_id)
-        self.prefix = list(prefix)
-        self.credit = max_tokens
-        self.latency = latency
-        self.grants_ended = False
-        self.cancelled = False
-        self._wake = asyncio.Event()
+        self._latency = latency
 
-    def grant(self, n: int) -> None:
-        self.credit += n
-        self._wake.set()
+    @property
+    def latency(self) -> float:
+        return self._latency
 
-    def end_grants(self) -> None:
-        self.grants_ended = True
-        self._wake.set()
-
-    def set_urgent(self, until: int) -> None:
-        pass
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._wake.set()
-
-    async def __aiter__(self) -> AsyncIterator[Draft]:  # type: ignore[override]
-        seq = list(self.prefix)
-        while True:
-            while self.credit == 0 and not self.grants_ended and not self.cancelled:
-                self._wake.clear()
-                await self._wake.wait()
-            if self.cancelled or self.credit == 0:
-                return
-            await asyncio.sleep(self.latency)
-            if self.cancelled:
-                return
-            token, q = draft_sample(drafter_logits(seq), len(seq), self.s)
-            seq.append(token)
-            self.credit -= 1
-            yield Draft(token, sparse_from_dense(q))
+    def next_draft(self, seq: list[int]) -> Draft:
+        token, q = draft_sample(drafter_logits(seq), len(seq), self.s)
+        return Draft(token, sparse_from_dense(q))
 
 
 class SampledDrafter:
