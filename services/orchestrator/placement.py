@@ -21,6 +21,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
 from dsi.services.orchestrator.scheduler import WindowRequest
 from dsi.services.orchestrator.targets import Held, TargetInstance, Targets
@@ -125,13 +126,14 @@ class Placement:
         a headroom of ``headroom`` instances kept for the other requests' critical windows (one
         they would otherwise have to preempt speculation for)."""
         free = self._free()
-        spare = len(free) - self._live_waiters
-        if session_id is not None and free and not self._quiet(session_id):
+        quiet = session_id is None or not free or self._quiet(session_id)
+        usable = None
+        if not quiet:
+            assert session_id is not None
             warm = [i for i in self.targets.all() if i.healthy and self._warm(i, session_id)]
             if warm:
-                free = [i for i in free if i in warm]
-            spare = min(len(free) - self._live_waiters, spare - self.headroom)
-        return max(0, spare)
+                usable = sum(1 for i in free if i in warm)
+        return policy.spare_targets(len(free), self._live_waiters, quiet, usable, self.headroom)
 
     def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
         """A call for the window failed or was cancelled on the instance: its cache now holds at most
@@ -262,7 +264,7 @@ class Placement:
             inst.busy = True
             return inst
         loop = asyncio.get_running_loop()
-        waiter = _Waiter((rank, request.request_seq, next(self._seq)), loop.create_future(), request)
+        waiter = _Waiter(policy.queue_key(rank, request.request_seq, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
         self._report_queue()
@@ -313,14 +315,16 @@ class Placement:
         request's, then the latest started: the queue's order backwards), until every waiting
         critical window has an instance coming."""
         critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
-        running = [i.running for i in self.targets.all() if i.healthy and i.running is not None]
-        # Instances already on their way (not those a critical window has taken over).
-        critical -= sum(1 for i in self.targets.all()
-                        if i.healthy and i.running is not None and i.running.preempt.done() and i.reserved is None)
-        victims = sorted((r for r in running if r.rank > 0 and not r.preempt.done()),
-                         key=lambda r: (r.rank, r.window.request_seq, r.started), reverse=True)
-        for victim in victims[: max(0, critical)]:
-            victim.preempt.set_result(None)
+        instances = [i for i in self.targets.all() if i.healthy and i.running is not None]
+        running = [
+            policy.RunningWindow(i.running.rank, i.running.window.request_seq, i.running.started,
+                                 i.running.preempt.done(), i.reserved is not None)
+            for i in instances if i.running is not None
+        ]
+        for k in policy.preemption_victims(critical, running):
+            running_window = instances[k].running
+            assert running_window is not None
+            running_window.preempt.set_result(None)
 
     def release(self, inst: TargetInstance) -> None:
         inst.busy = False

@@ -1,7 +1,17 @@
-"""DSI's load-aware decision rules, pure (no asyncio, no grpc, no torch): which windows a request
-dispatches now, and which of its drafts are urgent. The scheduler (``scheduler.py``) feeds them a
-snapshot of one request's epoch and of the load on the shared targets; unit tests feed them
-scripted snapshots.
+"""DSI's decision rules, pure (no asyncio, no grpc, no torch), in one place that two drivers run: the
+asyncio scheduler (``scheduler.py``, with the pool's ``placement.py``) and the multi-request
+simulator (``dsi/sim/cluster.py``); ``tests/unit/test_conformance.py`` runs both on one script and
+requires the same commits at the same times. The rules:
+
+- **dispatch** (``windows_to_dispatch``): which windows a request sends now, given a snapshot of its
+  epoch and of the load on the shared targets;
+- **credit** (``draft_room``, ``draft_credit``): how many drafts the request asks the drafter for;
+- **apply** (``apply_window``): how a window's result decides positions, in order, and how the
+  epoch ends (rejection, resync, done);
+- **rank** (``window_rank``, ``queue_key``, ``preemption_victims``, ``spare_targets``): a window's
+  place in its request's order and in the shared queue, which speculation a waiting critical window
+  preempts, and which idle targets a request's speculation may use;
+- **urgency** (``urgent_until``): which drafts the drafter makes first.
 
 Speculation spends only capacity nobody else needs (docs/architecture.md, "A request, end to end"):
 
@@ -21,6 +31,8 @@ Speculation spends only capacity nobody else needs (docs/architecture.md, "A req
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -86,3 +98,121 @@ def urgent_until(state: EpochState, lookahead: int) -> int:
     if state.applied < state.windows:
         return max(state.critical_end, state.critical_start + lookahead)
     return state.decided + lookahead
+
+
+# -- credit: drafts asked of the drafter --------------------------------------------------------
+
+
+def draft_room(remaining: int, decided: int, requested: int, base: int, draft_context: int = 0) -> int:
+    """Drafts that may still be asked for after ``requested`` in an epoch at ``base`` (``remaining``
+    tokens left to generate when the epoch has ``decided`` positions). The last position to generate
+    is never drafted: the window that would verify a draft there would read one position more than
+    plain decoding does (its bonus position lies past the end), and the target decides that position
+    anyway. Nor is a draft asked past the drafter's context (``draft_context`` tokens; 0 = no limit)."""
+    room = remaining + decided - 1 - requested
+    if draft_context > 0:
+        room = min(room, draft_context - base - requested)
+    return room
+
+
+def draft_credit(requested: int, decided: int, lookahead: int, sp: int, room: int) -> int:
+    """Drafts to ask for now (<= 0: none): the drafter runs at most (SP + 1) x L drafts ahead of the
+    decided position, enough for every window that may be in flight plus the next one (with SP x L,
+    a single target would starve it), and never past ``room``."""
+    return min((sp + 1) * lookahead - (requested - decided), room)
+
+
+# -- apply: a window's result decides positions -------------------------------------------------
+
+
+class Decision(enum.Enum):
+    """How one position is decided."""
+
+    ACCEPT = "accept"  # the draft equals the target's token: the draft is committed
+    REJECT = "reject"  # the target's token replaces the draft: the epoch ends
+    BONUS = "bonus"  # no draft there yet (the window's bonus position): the target's token stands
+
+
+class EpochEnd(enum.Enum):
+    REJECT = "reject"  # a draft was rejected: a new epoch from the target's token
+    RESYNC = "resync"  # the bonus position with no draft: a new epoch from there
+    DONE = "done"  # the request is done (token budget, EOS, stop string)
+
+
+def apply_window(
+    start: int,
+    end: int,
+    decided: int,
+    drafts: int,
+    accepted: Callable[[int], bool],
+    commit: Callable[[int, Decision], bool],
+) -> tuple[int, EpochEnd | None]:
+    """Apply the result of the window over drafts [start, end) (bonus position ``end``) to an epoch
+    with ``decided`` positions decided and ``drafts`` drafts received, in position order: positions
+    already decided (by an earlier window's bonus) are skipped; ``accepted(i)`` says whether draft i
+    equals the target's token there; ``commit(i, decision)`` commits position i and returns True
+    when the request is done. Returns the positions decided and how the epoch ends (None: it goes
+    on)."""
+    for i in range(max(start, decided), end + 1):
+        if i < drafts:
+            if accepted(i):
+                decided = i + 1
+                if commit(i, Decision.ACCEPT):
+                    return decided, EpochEnd.DONE
+                continue
+            return i + 1, (EpochEnd.DONE if commit(i, Decision.REJECT) else EpochEnd.REJECT)
+        return i + 1, (EpochEnd.DONE if commit(i, Decision.BONUS) else EpochEnd.RESYNC)
+    return decided, None
+
+
+# -- rank: a window's place in its request's order and in the shared queue ----------------------
+
+
+def window_rank(index: int, applied: int) -> int:
+    """The rank of the epoch's window ``index`` once ``applied`` windows are applied: 0 is the
+    request's critical path (it computes the first undecided position), higher is more speculative.
+    A window is dispatched with its rank then, and moves up (``reprioritize``) as windows before it
+    are applied."""
+    return index - applied
+
+
+def queue_key(rank: int, request_seq: int, order: int) -> tuple[int, int, int]:
+    """Order of windows waiting for a target instance: by rank (every request's critical window
+    first), then by request age, then first come first served."""
+    return (rank, request_seq, order)
+
+
+@dataclass(frozen=True)
+class RunningWindow:
+    """A window holding a target instance, as preemption sees it."""
+
+    rank: int
+    request_seq: int
+    started: float
+    preempted: bool  # already told to give its instance up
+    reserved: bool = False  # its instance is promised to one critical window (not to the queue)
+
+
+def preemption_victims(critical_waiting: int, running: Sequence[RunningWindow]) -> list[int]:
+    """Indices into ``running`` of the speculative windows to preempt so that each of the
+    ``critical_waiting`` critical windows in the queue has an instance coming: the most speculative
+    first, then the newest request's, then the latest started (the queue's order backwards); windows
+    already preempted count as instances on their way to the queue."""
+    needed = critical_waiting - sum(1 for r in running if r.preempted and not r.reserved)
+    candidates = sorted(
+        (i for i, r in enumerate(running) if r.rank > 0 and not r.preempted),
+        key=lambda i: (running[i].rank, running[i].request_seq, running[i].started),
+        reverse=True,
+    )
+    return candidates[: max(0, needed)]
+
+
+def spare_targets(free: int, waiting: int, quiet: bool, usable: int | None = None, headroom: int = 1) -> int:
+    """Idle target instances a request's speculation may use: the ``free`` ones no ``waiting``
+    window will take. While other requests use the pool (not ``quiet``), only the ``usable`` ones
+    (those warm for the request; None: all) and less a ``headroom`` of instances kept for the other
+    requests' critical windows (which would otherwise have to preempt speculation)."""
+    spare = free - waiting
+    if free and not quiet:
+        spare = min((free if usable is None else usable) - waiting, spare - headroom)
+    return max(0, spare)

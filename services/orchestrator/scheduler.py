@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dsi.services.orchestrator import policy
+from dsi.services.orchestrator.policy import EpochEnd
 from dsi.services.runtime.params import Mode
 
 log = logging.getLogger(__name__)
@@ -212,12 +213,6 @@ class RequestStats:
 CommitCallback = Callable[[CommittedToken], bool]
 
 
-class _EpochEnd(enum.Enum):
-    REJECT = "reject"
-    RESYNC = "resync"
-    DONE = "done"
-
-
 @dataclass
 class _Window:
     start: int  # first draft index (relative to the epoch base)
@@ -326,14 +321,7 @@ class Scheduler:
         return self._stopped or self._remaining() <= 0
 
     def _draft_room(self, base: int, decided: int, requested: int) -> int:
-        """Drafts that may still be asked for after ``requested`` in an epoch at ``base``. The last
-        position to generate is never drafted: the window that would verify a draft there would read
-        one position more than plain decoding does (its bonus position lies past the end), and the
-        target decides that position anyway. Nor is a draft asked past the drafter's context."""
-        room = self._remaining() + decided - 1 - requested
-        if self.cfg.draft_sequence_length > 0:
-            room = min(room, self.cfg.draft_sequence_length - base - requested)
-        return room
+        return policy.draft_room(self._remaining(), decided, requested, base, self.cfg.draft_sequence_length)
 
     def _commit(self, token_id: int, source: Source, target: str) -> None:
         token = CommittedToken(token_id, len(self.seq), source, target)
@@ -349,31 +337,25 @@ class Scheduler:
 
     def _apply(
         self, drafts: list[Draft], decided: int, start: int, result: WindowResult
-    ) -> tuple[int, _EpochEnd | None]:
-        """Apply a window's result (drafts[start:end], bonus at end) in position order.
+    ) -> tuple[int, EpochEnd | None]:
+        """Apply a window's result (drafts[start:end], bonus at end) by the rules' ``apply_window``.
 
         Returns the new number of decided positions and how the epoch ends (None: it goes on).
         """
-        end = start + len(result.token_ids) - 1
-        for i in range(start, end + 1):
-            if i < decided:
-                continue  # decided by an earlier window's bonus position
+
+        def commit(i: int, decision: policy.Decision) -> bool:
             tok = result.token_ids[i - start]
-            if i < len(drafts):
+            if decision is not policy.Decision.BONUS:
                 self.stats.drafts_verified += 1
-                if drafts[i].token_id == tok:
-                    self.stats.drafts_accepted += 1
-                    self._commit(tok, Source.DRAFT, result.target)
-                    decided = i + 1
-                    if self._done():
-                        return decided, _EpochEnd.DONE
-                    continue
-                self._commit(tok, Source.TARGET, result.target)
-                return i + 1, (_EpochEnd.DONE if self._done() else _EpochEnd.REJECT)
-            # The bonus position with no draft yet: the target's token stands.
-            self._commit(tok, Source.TARGET, result.target)
-            return i + 1, (_EpochEnd.DONE if self._done() else _EpochEnd.RESYNC)
-        return decided, (_EpochEnd.DONE if self._done() else None)
+            if decision is policy.Decision.ACCEPT:
+                self.stats.drafts_accepted += 1
+            self._commit(tok, Source.DRAFT if decision is policy.Decision.ACCEPT else Source.TARGET, result.target)
+            return self._done()
+
+        end = start + len(result.token_ids) - 1
+        return policy.apply_window(
+            start, end, decided, len(drafts), lambda i: drafts[i].token_id == result.token_ids[i - start], commit
+        )
 
     def _account(self, window: WindowRequest) -> None:
         """Target cost of a finished window (completed, failed or cancelled)."""
@@ -486,7 +468,7 @@ class Scheduler:
         finally:
             await self._close_epoch(ep)
 
-    def _apply_ready(self, ep: _Epoch) -> _EpochEnd | None:
+    def _apply_ready(self, ep: _Epoch) -> EpochEnd | None:
         applied = ep.applied
         while ep.applied < len(ep.windows) and ep.windows[ep.applied].result is not None:
             window = ep.windows[ep.applied]
@@ -499,13 +481,13 @@ class Scheduler:
         if ep.applied > applied:
             # The windows after the applied ones moved up the request's order; the first of them is
             # now its critical path, and must not keep waiting behind other requests' speculation.
-            for rank, w in enumerate(ep.windows[ep.applied :]):
-                if not w.task.done():
-                    self.target.reprioritize(w.request, rank)
+            for index in range(ep.applied, len(ep.windows)):
+                if not ep.windows[index].task.done():
+                    self.target.reprioritize(ep.windows[index].request, policy.window_rank(index, ep.applied))
         return None
 
     def _dispatch(self, ep: _Epoch, start: int, end: int) -> None:
-        rank = len(ep.windows) - ep.applied
+        rank = policy.window_rank(len(ep.windows), ep.applied)
         request = self._window_request(ep.base, ep.drafts, start, end, rank)
         task = asyncio.create_task(self.target.verify(request))
         window = _Window(start, end, task, request)
@@ -546,14 +528,14 @@ class Scheduler:
             ep.stream.set_urgent(ep.base + policy.urgent_until(self._state(ep), self.cfg.lookahead))
 
     def _open_drafter(self, ep: _Epoch, sp: int) -> None:
-        """Keep the drafter at most (SP + 1) x L drafts ahead of the decided position: enough for every
-        window that may be in flight plus the next one (with SP x L, a single target would starve it).
-        One stream serves the epoch: it is opened with the first credit and granted more as windows
-        are applied, so the drafter never waits for a new call between windows."""
+        """Ask the drafter for the rules' credit (``policy.draft_credit``: at most (SP + 1) x L drafts
+        ahead of the decided position). One stream serves the epoch: it is opened with the first
+        credit and granted more as windows are applied, so the drafter never waits for a new call
+        between windows."""
         if self.drafter is None or self._done():
             return
-        ahead = ep.requested - ep.decided
-        room = min((sp + 1) * self.cfg.lookahead - ahead, self._draft_room(ep.base, ep.decided, ep.requested))
+        room = policy.draft_credit(ep.requested, ep.decided, self.cfg.lookahead, sp,
+                                   self._draft_room(ep.base, ep.decided, ep.requested))
         if room <= 0:
             return
         ep.requested += room
