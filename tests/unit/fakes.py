@@ -8,7 +8,9 @@ import selectors
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from dsi.services.orchestrator.placement import Placement, Running
 from dsi.services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
+from dsi.services.orchestrator.targets import TargetInstance
 
 VOCAB = 50
 
@@ -112,6 +114,77 @@ class FakeTarget:
         ids = window.token_ids
         tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
         return WindowResult(tokens, target="fake", compute_s=self.latency)
+
+
+class _Instances:
+    """What ``Placement`` uses of ``Targets``: healthy instances without channels (nothing is called)."""
+
+    def __init__(self, n: int) -> None:
+        self.instances = [TargetInstance(f"target-{i}", None, None, None, healthy=True)  # type: ignore[arg-type]
+                          for i in range(n)]
+        self.health_interval_s = 1.0
+        self.on_membership = None
+
+    def all(self) -> list[TargetInstance]:
+        return list(self.instances)
+
+    def healthy_count(self) -> int:
+        return sum(i.healthy for i in self.instances)
+
+
+class PlacedTarget:
+    """Target instances behind the pool's real ``Placement``: a window queues for an instance like in
+    ``TargetPool._verify``, holds it for ``latency`` (virtual) unless preempted, and goes back to the
+    queue when preempted. ``rerank=False`` drops re-ranking (a queued window keeps its rank)."""
+
+    def __init__(self, instances: int, latency: float = 1.0, rerank: bool = True) -> None:
+        self.targets = _Instances(instances)
+        self.latency = latency
+        self.placement = Placement(self.targets)  # type: ignore[arg-type]
+        self.rerank = rerank
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        loop = asyncio.get_running_loop()
+        self.placement.track(window)
+        try:
+            while True:
+                inst = await self.placement.acquire(window)
+                inst.running = Running(window, self.placement.rank(window), loop.time(), loop.create_future())
+                forward = asyncio.ensure_future(asyncio.sleep(self.latency))
+                try:
+                    await asyncio.wait([forward, inst.running.preempt], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    computed = forward.done() and not forward.cancelled()
+                    forward.cancel()
+                    inst.running = None
+                    self.placement.release(inst)
+                if computed:  # else preempted: back to the queue with its rank
+                    self.placement.verified(inst, window)
+                    ids = window.token_ids
+                    tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
+                    return WindowResult(tokens, inst.address, self.latency)
+        finally:
+            self.placement.untrack(window)
+
+
+class RequestTarget:
+    """One request's TargetClient over the shared instances (as ``PoolTargetClient``)."""
+
+    def __init__(self, shared: PlacedTarget, session_id: str) -> None:
+        self.shared, self.session_id = shared, session_id
+
+    def sp_limit(self) -> int:
+        return self.shared.targets.healthy_count()
+
+    def spare(self) -> int:
+        return self.shared.placement.spare(self.session_id)
+
+    def reprioritize(self, window: WindowRequest, rank: int) -> None:
+        if self.shared.rerank:
+            self.shared.placement.reprioritize(window, rank)
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        return await self.shared.verify(window)
 
 
 class CreditStream:

@@ -1,5 +1,11 @@
-"""Conformance: the real scheduler, run on a virtual clock against scripted fakes, and the simulator
-(``dsi.sim.model``), run on the same script, commit at the same times.
+"""Conformance: the real scheduler, run on a virtual clock against scripted fakes, and the simulators
+run on the same script, commit at the same times.
+
+One request: the paper's time model (``dsi.sim.model._dsi_run``). Several requests sharing the
+targets: the multi-request simulator (``dsi.sim.cluster``), which drives the same rules module
+(``policy.py``) as the scheduler, against the real ``Scheduler`` with the pool's real ``Placement``
+(queue, re-ranking, preemption, spare targets) in ``fakes.PlacedTarget``; every commit of every
+request, its time and whether it was an accepted draft must agree.
 
 The script: target latency 1, drafter latency c per draft, N target instances, lookahead L, and per
 epoch the index K of its first rejected draft (the simulator's whole randomness). The scheduler's
@@ -11,13 +17,24 @@ run has committed ``tokens`` tokens must be equal."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 
-from dsi.services.orchestrator.scheduler import Draft, Scheduler, SchedulerConfig
+from dsi.services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source
+from dsi.sim.cluster import ClusterRequest, ClusterSettings, simulate_cluster
 from dsi.sim.model import _dsi_run
-from tests.unit.fakes import VOCAB, CreditStream, FakeTarget, run_virtual, target_token
+from tests.unit.fakes import (
+    VOCAB,
+    CreditStream,
+    FakeTarget,
+    PlacedTarget,
+    RequestTarget,
+    reference,
+    run_virtual,
+    target_token,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -89,3 +106,83 @@ def test_the_scheduler_and_the_simulator_commit_at_the_same_times(c: float, look
         sim = simulator_time(c, lookahead, sp, tokens, first_rejects)
         sched = scheduler_time(c, lookahead, sp, tokens, first_rejects)
         assert sched == pytest.approx(sim, abs=1e-6), (tokens, sched, sim)
+
+
+# -- several requests sharing the targets --------------------------------------------------------
+
+
+def scheduler_cluster(settings: ClusterSettings, specs: list[ClusterRequest]) -> list[list[tuple[float, bool]]]:
+    """Per request (arrival order = age), its commits as (virtual time, an accepted draft), run by the
+    real Scheduler over the real Placement."""
+    shared = PlacedTarget(settings.targets, settings.target_latency)
+    shared.placement.headroom = settings.headroom
+    out: list[list[tuple[float, bool]]] = [[] for _ in specs]
+
+    async def one(i: int, spec: ClusterRequest) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(spec.arrival)
+        prompt = [1, 2, 3 + i]
+        ids: list[int] = []
+
+        def on_commit(token: CommittedToken) -> bool:
+            out[i].append((loop.time(), token.source is Source.DRAFT))
+            ids.append(token.token_id)
+            return False
+
+        config = SchedulerConfig(mode=spec.mode, lookahead=settings.lookahead, sp_degree=settings.sp,
+                                 max_new_tokens=spec.tokens)
+        drafter = ScriptedDrafter(spec.drafter_latency, list(spec.first_rejects))
+        await Scheduler(RequestTarget(shared, f"s{i}"), drafter, config, f"s{i}", request_seq=i).run(prompt, on_commit)
+        assert ids == reference(prompt, spec.tokens)  # and the output is the target's, whatever the timing
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(*(one(i, spec) for i, spec in enumerate(specs))), 1e5)
+
+    run_virtual(main)
+    return out
+
+
+def cluster_script(seed: int, requests: int, modes: tuple[str, ...], acceptance: float, spread: float,
+                   tokens: int = 40) -> list[ClusterRequest]:
+    """Requests in arrival order with generic drafter latencies and arrival times (no two events of the
+    script fall on the same instant by accident), and geometric first rejections."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.sort(rng.uniform(0.0, spread, size=requests))
+    return [
+        ClusterRequest(
+            arrival=float(arrivals[i]),
+            tokens=tokens + int(rng.integers(0, 9)),
+            mode=modes[i % len(modes)],
+            drafter_latency=float(rng.uniform(0.04, 0.3)),
+            first_rejects=[int(k) for k in rng.geometric(1.0 - acceptance, size=4 * tokens) - 1],
+        )
+        for i in range(requests)
+    ]
+
+
+CLUSTERS = [  # (settings, seed, requests, modes, acceptance, arrival spread)
+    pytest.param(ClusterSettings(targets=4, lookahead=4), 1, 1, ("dsi",), 0.8, 0.0, id="1-dsi"),
+    pytest.param(ClusterSettings(targets=4, lookahead=4), 2, 4, ("dsi",), 0.8, 1.0, id="4-dsi-a0.8"),
+    pytest.param(ClusterSettings(targets=4, lookahead=3), 3, 8, ("dsi",), 0.5, 3.0, id="8-dsi-a0.5"),
+    pytest.param(ClusterSettings(targets=3, lookahead=4), 4, 12, ("dsi",), 0.8, 2.0, id="12-dsi-3-targets"),
+    pytest.param(ClusterSettings(targets=4, lookahead=4, sp=2), 5, 6, ("dsi",), 0.7, 1.5, id="6-dsi-sp2"),
+    pytest.param(ClusterSettings(targets=4, lookahead=4, headroom=0), 6, 8, ("dsi",), 0.8, 1.0, id="8-dsi-no-headroom"),
+    pytest.param(ClusterSettings(targets=4, lookahead=4), 7, 9, ("dsi", "si", "nonsi"), 0.8, 2.0, id="9-mixed-modes"),
+    pytest.param(ClusterSettings(targets=2, lookahead=5, target_latency=0.04), 8, 6, ("si", "nonsi"), 0.6, 0.1,
+                 id="6-baselines"),
+]
+
+
+@pytest.mark.parametrize(("settings", "seed", "requests", "modes", "acceptance", "spread"), CLUSTERS)
+def test_several_requests_commit_the_same_tokens_at_the_same_times(
+    settings: ClusterSettings, seed: int, requests: int, modes: tuple[str, ...], acceptance: float, spread: float
+) -> None:
+    specs = cluster_script(seed, requests, modes, acceptance, spread)
+    if settings.target_latency != 1.0:
+        specs = [dataclasses.replace(s, drafter_latency=s.drafter_latency * settings.target_latency) for s in specs]
+    simulated = simulate_cluster(settings, specs)
+    scheduled = scheduler_cluster(settings, specs)
+    for i, (sim, sched) in enumerate(zip(simulated, scheduled, strict=True)):
+        assert len(sched) == len(sim.commit_times) == specs[i].tokens
+        assert [accepted for _, accepted in sched] == sim.accepted, f"request {i}: other commits"
+        assert [t for t, _ in sched] == pytest.approx(sim.commit_times, abs=1e-6), f"request {i}: other times"

@@ -17,10 +17,8 @@ import asyncio
 
 import pytest
 
-from dsi.services.orchestrator.placement import Placement, Running
-from dsi.services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
-from dsi.services.orchestrator.targets import TargetInstance
-from tests.unit.fakes import FakeDrafter, reference, run_virtual, target_token
+from dsi.services.orchestrator.scheduler import Scheduler, SchedulerConfig
+from tests.unit.fakes import FakeDrafter, PlacedTarget, RequestTarget, reference, run_virtual
 
 pytestmark = pytest.mark.unit
 
@@ -31,80 +29,10 @@ NEW_TOKENS = 30
 GAP_BOUND_S = 10 * FORWARD_S
 
 
-class _Instances:
-    """What ``Placement`` uses of ``Targets``: healthy instances without channels (nothing is called)."""
-
-    def __init__(self, n: int) -> None:
-        self.instances = [TargetInstance(f"target-{i}", None, None, None, healthy=True)  # type: ignore[arg-type]
-                          for i in range(n)]
-        self.health_interval_s = 1.0
-        self.on_membership = None
-
-    def all(self) -> list[TargetInstance]:
-        return list(self.instances)
-
-    def healthy_count(self) -> int:
-        return sum(i.healthy for i in self.instances)
-
-
-class PlacedTarget:
-    """Target instances behind the pool's real ``Placement``: a window queues for an instance like in
-    ``TargetPool._verify``, holds it for FORWARD_S (virtual) unless preempted, and goes back to the
-    queue when preempted. ``rerank=False`` drops re-ranking (a queued window keeps its rank)."""
-
-    def __init__(self, instances: int, rerank: bool = True) -> None:
-        self.targets = _Instances(instances)
-        self.placement = Placement(self.targets)  # type: ignore[arg-type]
-        self.rerank = rerank
-
-    async def verify(self, window: WindowRequest) -> WindowResult:
-        loop = asyncio.get_running_loop()
-        self.placement.track(window)
-        try:
-            while True:
-                inst = await self.placement.acquire(window)
-                inst.running = Running(window, self.placement.rank(window), loop.time(), loop.create_future())
-                forward = asyncio.ensure_future(asyncio.sleep(FORWARD_S))
-                try:
-                    await asyncio.wait([forward, inst.running.preempt], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    computed = forward.done() and not forward.cancelled()
-                    forward.cancel()
-                    inst.running = None
-                    self.placement.release(inst)
-                if computed:  # else preempted: back to the queue with its rank
-                    self.placement.verified(inst, window)
-                    ids = window.token_ids
-                    tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
-                    return WindowResult(tokens, inst.address, FORWARD_S)
-        finally:
-            self.placement.untrack(window)
-
-
-class RequestTarget:
-    """One request's TargetClient over the shared instances (as ``PoolTargetClient``)."""
-
-    def __init__(self, shared: PlacedTarget, session_id: str) -> None:
-        self.shared, self.session_id = shared, session_id
-
-    def sp_limit(self) -> int:
-        return self.shared.targets.healthy_count()
-
-    def spare(self) -> int:
-        return self.shared.placement.spare(self.session_id)
-
-    def reprioritize(self, window: WindowRequest, rank: int) -> None:
-        if self.shared.rerank:
-            self.shared.placement.reprioritize(window, rank)
-
-    async def verify(self, window: WindowRequest) -> WindowResult:
-        return await self.shared.verify(window)
-
-
 def _serve(requests: int, every_s: float, acceptance: float,
            rerank: bool = True) -> dict[int, tuple[float, list[float]]]:
     """``requests`` DSI requests, one every ``every_s``; per request its arrival and commit times."""
-    shared = PlacedTarget(INSTANCES, rerank)
+    shared = PlacedTarget(INSTANCES, FORWARD_S, rerank)
     out: dict[int, tuple[float, list[float]]] = {}
 
     async def one(i: int) -> None:

@@ -1,0 +1,67 @@
+"""The multi-request simulator (``dsi.sim.cluster``) on cases with known answers. Its agreement with
+the real scheduler and placement is ``test_conformance.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsi.sim.cluster import ClusterRequest, ClusterSettings, simulate_cluster
+from dsi.sim.model import _dsi_run
+
+pytestmark = pytest.mark.unit
+
+NEVER = [1 << 40] * 500  # no draft is ever rejected
+
+
+@pytest.mark.parametrize(("c", "lookahead", "sp"), [(0.1, 5, 4), (0.25, 2, 3), (0.0937, 4, 4), (0.2, 3, 1)])
+def test_one_request_alone_is_the_papers_time_model(c: float, lookahead: int, sp: int) -> None:
+    rng = np.random.default_rng(7 * lookahead + sp)
+    first_rejects = [int(k) for k in rng.geometric(0.25, size=200) - 1]
+    out = simulate_cluster(ClusterSettings(targets=sp, lookahead=lookahead),
+                           [ClusterRequest(0.0, 80, "dsi", c, first_rejects)])[0]
+    for tokens in (8, 20, 45):
+        expected = _dsi_run(c, lookahead, sp, tokens, np.array(first_rejects + [10**9] * tokens))[2]
+        assert out.commit_times[tokens - 1] == pytest.approx(expected, abs=1e-9)
+
+
+def test_non_si_shares_the_targets_one_token_per_forward() -> None:
+    # Two requests on four targets: each gets a token per forward.
+    out = simulate_cluster(ClusterSettings(targets=4), [ClusterRequest(0.0, 10, "nonsi") for _ in range(2)])
+    assert [o.commit_times for o in out] == [[float(i) for i in range(1, 11)]] * 2
+    # Eight requests on four targets: four tokens per forward in all, older requests first.
+    out = simulate_cluster(ClusterSettings(targets=4), [ClusterRequest(0.0, 10, "nonsi") for _ in range(8)])
+    assert max(o.finished for o in out) == pytest.approx(20.0)
+    assert sum(len(o.commit_times) for o in out) == 80
+    assert sum(o.forwards for o in out) == 80
+
+
+def test_si_rounds_take_lookahead_drafts_then_one_forward() -> None:
+    c, lookahead = 0.1, 4
+    out = simulate_cluster(ClusterSettings(targets=1, lookahead=lookahead),
+                           [ClusterRequest(0.0, 15, "si", c, NEVER)])[0]
+    # Every round: 4 drafts (0.4), then one forward (1.0) commits them and its bonus token.
+    assert out.commit_times[4] == pytest.approx(1.4)
+    assert out.commit_times[9] == pytest.approx(2.8)
+    assert out.commit_times[14] == pytest.approx(4.2)
+    assert out.forwards == 3 and all(out.accepted[i] == (i % 5 != 4) for i in range(15))
+
+
+def test_a_critical_window_preempts_another_requests_speculation() -> None:
+    """Two DSI requests on two targets: the first alone speculates on both; the second, arriving
+    with no target spare, sends its first window full (2 drafts, 0.2) rather than window 0, and that
+    critical window takes an instance from the first's speculation at once."""
+    settings = ClusterSettings(targets=2, lookahead=2, headroom=0)
+    alone = simulate_cluster(settings, [ClusterRequest(0.0, 30, "dsi", 0.1, NEVER)])[0]
+    first, second = simulate_cluster(settings, [ClusterRequest(0.0, 30, "dsi", 0.1, NEVER),
+                                                ClusterRequest(0.55, 30, "dsi", 0.1, NEVER)])
+    assert first.preempted >= 1
+    assert second.commit_times[:3] == pytest.approx([0.55 + 0.2 + 1.0] * 3)  # 2 drafts and the bonus
+    assert first.finished > alone.finished  # the first request gave capacity up
+
+
+def test_rejects_what_it_cannot_simulate() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        ClusterRequest(0.0, 10, "fast")
+    with pytest.raises(ValueError, match="invalid settings"):
+        ClusterSettings(targets=0)
