@@ -52,6 +52,9 @@ class ClusterSettings:
         lookahead: L, drafts per window (SI and DSI).
         sp: SP degree, windows one DSI request may have in flight (0 = every instance).
         headroom: idle instances a request's speculation leaves to the others (the pool's default).
+        forward_time: if set, the duration of each forward instead of ``target_latency``, from (the
+            request's index in arrival order, the first position the window scores counted from the
+            request's first generated token, the positions it scores).
     """
 
     targets: int
@@ -59,6 +62,7 @@ class ClusterSettings:
     lookahead: int = 4
     sp: int = 0
     headroom: int = 1
+    forward_time: Callable[[int, int, int], float] | None = None
 
     def __post_init__(self) -> None:
         if self.targets < 1 or self.lookahead < 1 or self.sp < 0 or self.headroom < 0:
@@ -98,6 +102,9 @@ class RequestOutcome:
     preempted: int = 0
     cancelled: int = 0
     epochs: int = 0
+    # Instants at which an event of this request and one of another fell together (within _TIE):
+    # their order is the event loop's, which asyncio leaves open; the simulator takes a fixed one.
+    shared_instants: int = 0
 
     @property
     def finished(self) -> float:
@@ -118,6 +125,7 @@ class _Window:
     start: int
     end: int
     rank: int
+    first: int  # the first position it scores, counted from the request's first generated token
     done: bool = False
     cancelled: bool = False
     waiting: bool = False
@@ -139,6 +147,7 @@ class _Pool:
     def __init__(self, sim: _Sim, settings: ClusterSettings) -> None:
         self.sim = sim
         self.latency = settings.target_latency
+        self.forward_time = settings.forward_time
         self.headroom = settings.headroom
         self.free = settings.targets
         self.size = settings.targets
@@ -168,7 +177,10 @@ class _Pool:
         window.running = run
         window.req.out.forwards += 1
         self.running.append(run)
-        self.sim.timer(self.sim.now + self.latency, lambda: self._finished(run))
+        latency = self.latency
+        if self.forward_time is not None:
+            latency = self.forward_time(window.req.seq, window.first, window.end - window.start + 1)
+        self.sim.timer(self.sim.now + latency, lambda: self._finished(run), window.req)
 
     def _release(self, run: _Run) -> None:
         run.over = True
@@ -241,7 +253,7 @@ class _Stream:
     def _next(self) -> None:
         if self.credit > 0 and not self.pending and not self.cancelled:
             self.pending = True
-            self.sim.timer(self.sim.now + self.req.spec.drafter_latency, self._arrive)
+            self.sim.timer(self.sim.now + self.req.spec.drafter_latency, self._arrive, self.req)
 
     def _arrive(self) -> None:
         self.pending = False
@@ -308,7 +320,7 @@ class _Request:
         return end
 
     def _dispatch(self, start: int, end: int, rank: int) -> _Window:
-        window = _Window(self, self.epoch, start, end, rank)
+        window = _Window(self, self.epoch, start, end, rank, self.base + start)
         self.windows.append(window)
         self.out.windows += 1
         self.sim.acquire_later(window)
@@ -321,10 +333,10 @@ class _Request:
 
     def _round(self) -> None:
         """Start the next round (non-SI, SI) or epoch (DSI), unless done."""
+        self.epoch += 1  # what is still pending of the last epoch is stale from here on
         if self.done():
             self.sim.finished += 1
             return
-        self.epoch += 1
         self.out.epochs += 1
         self.base = len(self.out.commit_times)
         self.drafts = self.applied = self.decided = self.requested = 0
@@ -396,9 +408,7 @@ class _Request:
         if stream is not self.stream or stream.cancelled:
             return  # a draft of an epoch that has ended
         self.drafts += 1
-        sp = self.sp()
-        self._dispatch_ready(sp)
-        self._open_drafter(sp)
+        self._dsi_event()
 
     # -- a window finished ------------------------------------------------------------------------
 
@@ -410,6 +420,10 @@ class _Request:
             self._apply(window)
             self._round()
             return
+        self._dsi_event()
+
+    def _dsi_event(self) -> None:
+        """After any event: apply every finished window in order, then dispatch and grant."""
         end = None
         applied = self.applied
         while self.applied < len(self.windows) and self.windows[self.applied].done:
@@ -450,15 +464,15 @@ class _Sim:
         self.now = 0.0
         self.pool = _Pool(self, settings)
         self.finished = 0
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[tuple[float, int, Callable[[], None], _Request]] = []
         self._seq = itertools.count()
         self._early: list[Callable[[], None]] = []  # draft arrivals and request starts of this instant
         self._late: list[Callable[[], None]] = []  # finished windows of this instant
         self._acquires: list[_Window] = []
         self._yields: list[Callable[[], None]] = []
 
-    def timer(self, when: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (when, next(self._seq), fn))
+    def timer(self, when: float, fn: Callable[[], None], req: _Request) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), fn, req))
 
     def deliver(self, req: _Request, fn: Callable[[], None], late: bool) -> None:
         (self._late if late else self._early).append(fn)
@@ -478,12 +492,18 @@ class _Sim:
 
     def run(self, requests: list[_Request]) -> None:
         for req in requests:
-            self.timer(req.spec.arrival, functools.partial(self.deliver, req, req.start, False))
+            self.timer(req.spec.arrival, functools.partial(self.deliver, req, req.start, False), req)
         while self._timers:
             first = self._timers[0][0]
             self.now = first  # one instant: every timer within _TIE of the first
+            owners: set[_Request] = set()
             while self._timers and self._timers[0][0] < first + _TIE:
-                heapq.heappop(self._timers)[2]()
+                _, _, fn, owner = heapq.heappop(self._timers)
+                owners.add(owner)
+                fn()
+            if len(owners) > 1:
+                for owner in owners:
+                    owner.out.shared_instants += 1
             while self._early or self._late or self._acquires or self._yields:
                 while self._early or self._late:
                     (self._early if self._early else self._late).pop(0)()

@@ -22,16 +22,18 @@ the scheduler described in ``docs/architecture.md`` section 3 (the orchestrator 
 1. An epoch starts from the committed prefix at time T: window 0 (zero drafts, it scores the next
    position: the non-SI step) is dispatched at T, and the drafter starts at T (draft i is ready at
    T + (i + 1) c).
-2. Whenever L more drafts have arrived beyond the end of the last dispatched window and fewer than
-   N windows are in flight, the next window is dispatched over them. The drafter never runs more
+2. Whenever L more drafts have arrived beyond the end of the last dispatched window (or beyond the
+   first uncommitted position, when no window is in flight) and fewer than N windows are in flight,
+   the next window is dispatched over them. The drafter never runs more
    than (N + 1) L drafts ahead of the committed prefix (backpressure).
 3. Results are applied in window order. Committed positions are skipped; a draft is accepted with
    probability a, else the target's token is committed and the epoch ends (every in-flight window
    and the drafter are cancelled, a new epoch starts at once). At the bonus position e: if draft e
    exists it is accepted with probability a (else reject as above); if it does not exist yet, the
    target's token is committed and a new epoch starts (a *resync*).
-4. Critical path: after applying, if no in-flight window scores the first uncommitted position, a
-   window over the undispatched drafts (fewer than L) is dispatched at once.
+4. Critical path: after applying, if no window is in flight, a window from the first uncommitted
+   position over the drafts there are (fewer than L; none is a zero-draft window) is dispatched at
+   once. (Positions decided by the last window's bonus are not scored again.)
 5. A run stops once ``tokens`` tokens are committed; its time per token is its total time divided
    by the tokens it committed (the last window may commit a few more than ``tokens``).
 
@@ -301,13 +303,14 @@ def _dsi_run(
             base_time, base_index = now, int(cap)
             drafted = base_index
         cap = p + ahead
+        if not in_flight:
+            dispatched_end = max(dispatched_end, p)  # a new critical window starts at p (rule 4)
         # Rule 2 for drafts that arrived while every target was busy.
         while len(in_flight) < limit and drafted >= dispatched_end + L:
             in_flight.append((dispatched_end, dispatched_end + L, now + 1.0))
             dispatched_end += L
         # Rule 4: keep a window on the first uncommitted position.
-        covered = bool(in_flight) and in_flight[0][0] <= p <= in_flight[0][1]
-        if not covered and len(in_flight) < limit and dispatched_end <= p <= drafted:
+        if not in_flight and len(in_flight) < limit and dispatched_end <= drafted:
             in_flight.append((dispatched_end, drafted, now + 1.0))
             dispatched_end = drafted
         if len(in_flight) > most_in_flight:

@@ -69,6 +69,8 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
     in_flight = state.in_flight
     usable = min(state.drafts, state.budget)
     critical_idle = state.applied == state.windows
+    if critical_idle:
+        start = max(start, state.decided)  # decided positions need no scoring again
     # A short critical window (window 0, say) computes: the full window after it goes without spare.
     follows_short = not critical_idle and state.critical_end - state.critical_start < lookahead
     while in_flight < sp:
@@ -76,13 +78,13 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
         last = not state.more_drafts or usable >= state.budget  # no more drafts will come for it
         complete = available >= lookahead or (available > 0 and last)
         if critical_idle and not out:
-            epoch_start = state.windows == 0
-            if not (complete or ((spare > 0 or last) and (available > 0 or epoch_start))):
+            fresh = start == state.decided  # a window from the first undecided position
+            if not (complete or ((spare > 0 or last) and (available > 0 or fresh))):
                 return out
         elif not (complete and (spare > 0 or follows_short)):
             return out
         follows_short = False
-        end = start + min(available, lookahead)
+        end = start + max(0, min(available, lookahead))
         out.append((start, end))
         spare = max(0, spare - 1)
         start = end

@@ -453,12 +453,10 @@ class Scheduler:
                     # with no drafter left dispatch what there is (below): nothing else may be pending.
                     ep.stream = None
                     ep.requested = len(ep.drafts)
-                elif isinstance(event, _WindowFinished):
-                    window = event.window
-                    exc = window.task.exception()
-                    if exc is not None:
-                        raise exc
-                    window.result = window.task.result()
+                # Whatever the event, every window whose call has finished is applied before anything
+                # is dispatched (a draft that arrives as a window finishes sees its result), as the
+                # simulators do: the order of simultaneous events does not change the decisions.
+                if self._collect_results(ep):
                     end = self._apply_ready(ep)
                     if end is not None:
                         return
@@ -467,6 +465,20 @@ class Scheduler:
                 self._open_drafter(ep, sp)
         finally:
             await self._close_epoch(ep)
+
+    @staticmethod
+    def _collect_results(ep: _Epoch) -> bool:
+        """Take the results of the windows whose calls have finished (a failure raises); True when
+        there were new ones."""
+        new = False
+        for window in ep.windows[ep.applied :]:
+            if window.result is None and window.task.done():
+                exc = window.task.exception()
+                if exc is not None:
+                    raise exc
+                window.result = window.task.result()
+                new = True
+        return new
 
     def _apply_ready(self, ep: _Epoch) -> EpochEnd | None:
         applied = ep.applied

@@ -137,9 +137,11 @@ class PlacedTarget:
     ``TargetPool._verify``, holds it for ``latency`` (virtual) unless preempted, and goes back to the
     queue when preempted. ``rerank=False`` drops re-ranking (a queued window keeps its rank)."""
 
-    def __init__(self, instances: int, latency: float = 1.0, rerank: bool = True) -> None:
+    def __init__(self, instances: int, latency: float | Callable[[WindowRequest], float] = 1.0,
+                 rerank: bool = True) -> None:
         self.targets = _Instances(instances)
-        self.latency = latency
+        # Seconds one forward takes: fixed, or a function of the window.
+        self.latency = latency if callable(latency) else (lambda _window, fixed=latency: fixed)
         self.placement = Placement(self.targets)  # type: ignore[arg-type]
         self.rerank = rerank
 
@@ -150,7 +152,7 @@ class PlacedTarget:
             while True:
                 inst = await self.placement.acquire(window)
                 inst.running = Running(window, self.placement.rank(window), loop.time(), loop.create_future())
-                forward = asyncio.ensure_future(asyncio.sleep(self.latency))
+                forward = asyncio.ensure_future(asyncio.sleep(self.latency(window)))
                 try:
                     await asyncio.wait([forward, inst.running.preempt], return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -162,7 +164,7 @@ class PlacedTarget:
                     self.placement.verified(inst, window)
                     ids = window.token_ids
                     tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
-                    return WindowResult(tokens, inst.address, self.latency)
+                    return WindowResult(tokens, inst.address, self.latency(window))
         finally:
             self.placement.untrack(window)
 

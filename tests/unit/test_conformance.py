@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from dsi.services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source
+from dsi.services.orchestrator.scheduler import CommittedToken, Draft, Scheduler, SchedulerConfig, Source, WindowRequest
 from dsi.sim.cluster import ClusterRequest, ClusterSettings, simulate_cluster
 from dsi.sim.model import _dsi_run
 from tests.unit.fakes import (
@@ -31,6 +32,7 @@ from tests.unit.fakes import (
     FakeTarget,
     PlacedTarget,
     RequestTarget,
+    coin,
     reference,
     run_virtual,
     target_token,
@@ -114,14 +116,21 @@ def test_the_scheduler_and_the_simulator_commit_at_the_same_times(c: float, look
 def scheduler_cluster(settings: ClusterSettings, specs: list[ClusterRequest]) -> list[list[tuple[float, bool]]]:
     """Per request (arrival order = age), its commits as (virtual time, an accepted draft), run by the
     real Scheduler over the real Placement."""
-    shared = PlacedTarget(settings.targets, settings.target_latency)
+    def forward_time(window: WindowRequest) -> float:
+        if settings.forward_time is None:
+            return settings.target_latency
+        request = int(window.session_id[1:])
+        return settings.forward_time(request, window.first_position - len(PROMPT_OF(request)),
+                                     len(window.token_ids) - window.first_position + 1)
+
+    shared = PlacedTarget(settings.targets, forward_time)
     shared.placement.headroom = settings.headroom
     out: list[list[tuple[float, bool]]] = [[] for _ in specs]
 
     async def one(i: int, spec: ClusterRequest) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(spec.arrival)
-        prompt = [1, 2, 3 + i]
+        prompt = PROMPT_OF(i)
         ids: list[int] = []
 
         def on_commit(token: CommittedToken) -> bool:
@@ -142,6 +151,22 @@ def scheduler_cluster(settings: ClusterSettings, specs: list[ClusterRequest]) ->
     return out
 
 
+def PROMPT_OF(request: int) -> list[int]:  # noqa: N802 - a constant's shape
+    return [1, 2, 3 + request]
+
+
+def jitter(scale: float) -> Callable[[int, int, int], float]:
+    """Forward times 1 + up to ``scale``, a hash of the window: windows that start together (several
+    instances handed over at once, by cancels or one request's dispatches) then finish apart. Which of
+    two simultaneous events of different requests goes first is the event loop's choice, which
+    asyncio leaves open; the simulator takes a fixed one, so scripts must not rely on it."""
+
+    def forward(request: int, first: int, scored: int) -> float:
+        return 1.0 + scale * (coin(first * 64 + scored, request) + 0.5)
+
+    return forward
+
+
 def cluster_script(seed: int, requests: int, modes: tuple[str, ...], acceptance: float, spread: float,
                    tokens: int = 40) -> list[ClusterRequest]:
     """Requests in arrival order with generic drafter latencies and arrival times (no two events of the
@@ -160,27 +185,35 @@ def cluster_script(seed: int, requests: int, modes: tuple[str, ...], acceptance:
     ]
 
 
-CLUSTERS = [  # (settings, seed, requests, modes, acceptance, arrival spread)
-    pytest.param(ClusterSettings(targets=4, lookahead=4), 1, 1, ("dsi",), 0.8, 0.0, id="1-dsi"),
-    pytest.param(ClusterSettings(targets=4, lookahead=4), 2, 4, ("dsi",), 0.8, 1.0, id="4-dsi-a0.8"),
-    pytest.param(ClusterSettings(targets=4, lookahead=3), 3, 8, ("dsi",), 0.5, 3.0, id="8-dsi-a0.5"),
-    pytest.param(ClusterSettings(targets=3, lookahead=4), 4, 12, ("dsi",), 0.8, 2.0, id="12-dsi-3-targets"),
-    pytest.param(ClusterSettings(targets=4, lookahead=4, sp=2), 5, 6, ("dsi",), 0.7, 1.5, id="6-dsi-sp2"),
-    pytest.param(ClusterSettings(targets=4, lookahead=4, headroom=0), 6, 8, ("dsi",), 0.8, 1.0, id="8-dsi-no-headroom"),
-    pytest.param(ClusterSettings(targets=4, lookahead=4), 7, 9, ("dsi", "si", "nonsi"), 0.8, 2.0, id="9-mixed-modes"),
-    pytest.param(ClusterSettings(targets=2, lookahead=5, target_latency=0.04), 8, 6, ("si", "nonsi"), 0.6, 0.1,
+def jittered(**kw: object) -> ClusterSettings:
+    return ClusterSettings(forward_time=jitter(1e-3), **kw)  # type: ignore[arg-type]
+
+
+CLUSTERS = [  # (settings, seed, requests, modes, acceptance, arrival spread, tokens)
+    pytest.param(jittered(targets=4, lookahead=4), 1, 1, ("dsi",), 0.8, 0.0, 40, id="1-dsi"),
+    pytest.param(jittered(targets=4, lookahead=4), 2, 4, ("dsi",), 0.8, 1.0, 40, id="4-dsi-a0.8"),
+    pytest.param(jittered(targets=4, lookahead=3), 3, 8, ("dsi",), 0.5, 3.0, 40, id="8-dsi-a0.5"),
+    pytest.param(jittered(targets=3, lookahead=4), 4, 12, ("dsi",), 0.8, 2.0, 40, id="12-dsi-3-targets"),
+    pytest.param(jittered(targets=4, lookahead=4), 9, 16, ("dsi",), 0.8, 0.01, 128, id="16-dsi-at-once-128"),
+    pytest.param(jittered(targets=4, lookahead=4, sp=2), 5, 6, ("dsi",), 0.7, 1.5, 40, id="6-dsi-sp2"),
+    pytest.param(jittered(targets=4, lookahead=4, headroom=0), 6, 8, ("dsi",), 0.8, 1.0, 40, id="8-dsi-no-headroom"),
+    pytest.param(jittered(targets=4, lookahead=4), 7, 9, ("dsi", "si", "nonsi"), 0.8, 2.0, 40, id="9-mixed-modes"),
+    pytest.param(ClusterSettings(targets=2, lookahead=5, target_latency=0.04), 8, 6, ("si", "nonsi"), 0.6, 0.1, 40,
                  id="6-baselines"),
 ]
 
 
-@pytest.mark.parametrize(("settings", "seed", "requests", "modes", "acceptance", "spread"), CLUSTERS)
+@pytest.mark.parametrize(("settings", "seed", "requests", "modes", "acceptance", "spread", "tokens"), CLUSTERS)
 def test_several_requests_commit_the_same_tokens_at_the_same_times(
-    settings: ClusterSettings, seed: int, requests: int, modes: tuple[str, ...], acceptance: float, spread: float
+    settings: ClusterSettings, seed: int, requests: int, modes: tuple[str, ...], acceptance: float, spread: float,
+    tokens: int,
 ) -> None:
-    specs = cluster_script(seed, requests, modes, acceptance, spread)
+    specs = cluster_script(seed, requests, modes, acceptance, spread, tokens)
     if settings.target_latency != 1.0:
         specs = [dataclasses.replace(s, drafter_latency=s.drafter_latency * settings.target_latency) for s in specs]
     simulated = simulate_cluster(settings, specs)
+    # No two requests' events fall on one instant (their order would be the event loop's).
+    assert [o.shared_instants for o in simulated] == [0] * requests
     scheduled = scheduler_cluster(settings, specs)
     for i, (sim, sched) in enumerate(zip(simulated, scheduled, strict=True)):
         assert len(sched) == len(sim.commit_times) == specs[i].tokens

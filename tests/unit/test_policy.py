@@ -42,7 +42,7 @@ def test_without_more_drafts_the_critical_window_goes_with_what_there_is() -> No
 
 def test_short_critical_windows_only_onto_idle_targets() -> None:
     idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
-    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=1)) == [(4, 6)]
+    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=1)) == [(5, 6)]
     assert windows_to_dispatch(idle_critical, L, SP, BUSY) == []
 
 
@@ -85,3 +85,21 @@ def test_the_full_window_after_a_short_critical_one_does_not_wait_for_spare() ->
     assert windows_to_dispatch(after_short, L, SP, BUSY) == [(3, 7)]
     assert windows_to_dispatch(after_short, L, SP, Load(spare_targets=1)) == [(3, 7)]  # it takes the spare one
     assert windows_to_dispatch(after_short, L, SP, Load(spare_targets=2)) == [(3, 7), (7, 11)]
+
+
+def test_a_new_critical_window_starts_at_the_first_undecided_position() -> None:
+    """Once every window is applied, the last one's bonus position is decided: the next critical
+    window scores from the position after it instead of scoring that one again (a full window then
+    commits up to L + 1 tokens, as an SI round does)."""
+    applied_all = state(drafts=9, decided=5, dispatched_end=4, windows=2, applied=2)
+    assert windows_to_dispatch(applied_all, L, SP, BUSY) == [(5, 9)]
+    assert windows_to_dispatch(state(drafts=8, decided=5, dispatched_end=4, windows=2, applied=2), L, SP, BUSY) == []
+    # With a target idle the short window goes at once, from the first undecided position; with
+    # no draft there yet it is the zero-draft (non-SI) step.
+    assert windows_to_dispatch(state(drafts=7, decided=5, dispatched_end=4, windows=2, applied=2), L, SP,
+                               Load(spare_targets=1)) == [(5, 7)]
+    assert windows_to_dispatch(state(drafts=5, decided=5, dispatched_end=4, windows=2, applied=2), L, SP,
+                               Load(spare_targets=1)) == [(5, 5)]
+    # The last position to generate: no draft will come for it, the window goes without drafts.
+    assert windows_to_dispatch(state(drafts=5, decided=5, dispatched_end=4, windows=2, applied=2, budget=5), L, SP,
+                               BUSY) == [(5, 5)]

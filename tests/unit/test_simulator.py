@@ -108,16 +108,18 @@ def test_scheduler_trace_resync_when_bonus_draft_is_missing() -> None:
 
 def test_scheduler_trace_critical_path_window_with_fewer_than_lookahead_drafts() -> None:
     # c = 0.3, L = 5: at t=1 only drafts 0..2 exist. Window 0 commits position 0; nothing scores
-    # position 1, so [0, 3) goes at once and commits 1..3 at t=2; then [3, 6) commits 4..6 at t=3.
+    # position 1, so [1, 3) goes at once and commits 1..3 at t=2 (bonus 3: draft 3 came at 1.2); then
+    # [4, 6) commits 4..6 at t=3.
     assert _scripted(0.3, 5, 7, 7, []) == pytest.approx(3.0)
 
 
 def test_scheduler_trace_backpressure_one_target() -> None:
     # N = 1, L = 2, c = 0.1: the drafter stops (N + 1) L = 4 drafts ahead of the committed prefix
-    # and resumes on commits. t=1: position 0, [0, 2) dispatched; t=2: positions 1, 2 (bonus 2
-    # matches draft 2), [2, 4) dispatched; t=3: positions 3, 4, [4, 6) dispatched (draft 5 came at
-    # 2.1); t=4: positions 5, 6. 7 tokens in 4 target latencies, reported per requested token.
-    assert _scripted(0.1, 2, 1, 6, []) == pytest.approx(4.0 * 6 / 7)
+    # and resumes on commits. t=1: position 0 (bonus, draft 0 matches); a new critical window starts
+    # at the first undecided position: [1, 3) dispatched; t=2: positions 1, 2 and 3 (bonus, draft 3
+    # matches); only draft 4 is there (the drafter stopped at 5 drafts): the short window [4, 5)
+    # goes at once; t=3: position 4 and 5 (bonus; draft 5 came at 2.1): 6 tokens in 3 latencies.
+    assert _scripted(0.1, 2, 1, 6, []) == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("c, a, lookahead", [(0.1, 0.8, 5), (0.3, 0.5, 3), (0.05, 0.95, 8)])
