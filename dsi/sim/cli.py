@@ -158,7 +158,7 @@ def register(subparsers: Any) -> None:
     _add_common(parser)
     parser.set_defaults(func=partial(_run_simulate, parser=parser))
 
-    forms = parser.add_subparsers(dest="sim_form", metavar="{heatmap,suggest}")
+    forms = parser.add_subparsers(dest="sim_form", metavar="{heatmap,suggest,load}")
 
     heatmap = forms.add_parser(
         "heatmap",
@@ -290,6 +290,38 @@ def register(subparsers: Any) -> None:
     )
     _add_common(advice, prefix="sg_")
     advice.set_defaults(func=partial(_run_suggest, parser=advice))
+
+    load = forms.add_parser(
+        "load",
+        help="several requests sharing the targets: non-SI, SI and DSI by concurrency",
+        description="The multi-request simulator (dsi/sim/cluster.py), which runs the orchestrator's own "
+        "rules (services/orchestrator/policy.py): C requests sent at once share --targets instances "
+        "(each request with its own drafter); per acceptance rate and C, each mode's committed tokens "
+        "per target latency, median and p99 request latency and target forwards per token (medians "
+        "over --runs), and whether DSI meets issue 11's criteria (tokens >= 0.97 x the best "
+        "baseline's, p50 <= 1.05 x the best baseline's).",
+    )
+    add_flag(load, "--drafter-latency", env="DSI_SIM_LOAD_DRAFTER_LATENCY", type=_positive_float, default=0.1,
+             metavar="C", dest="ld_drafter_latency", help="drafter latency per token, a fraction of the target's")
+    add_flag(load, "--a-values", env="DSI_SIM_LOAD_A_VALUES", type=_list_of(_probability), default="0.5,0.8",
+             metavar="A,A,...", dest="ld_a_values", help="acceptance rates")
+    add_flag(load, "--concurrency", env="DSI_SIM_LOAD_CONCURRENCY", type=_list_of(_int_at_least(1)),
+             default="1,2,4,8,16", metavar="C,C,...", dest="ld_concurrency", help="requests sent at once")
+    add_flag(load, "--targets", env="DSI_SIM_LOAD_TARGETS", type=_int_at_least(1), default=4, metavar="N",
+             dest="ld_targets", help="target instances")
+    add_flag(load, "--lookahead", env="DSI_SIM_LOAD_LOOKAHEAD", type=_int_at_least(1), default=4, metavar="L",
+             dest="ld_lookahead", help="drafts per SI round and per DSI window")
+    add_flag(load, "--sp", env="DSI_SIM_LOAD_SP", type=_int_at_least(0), default=0, metavar="N", dest="ld_sp",
+             help="DSI windows in flight per request (0: every target)")
+    add_flag(load, "--headroom", env="DSI_SIM_LOAD_HEADROOM", type=_int_at_least(0), default=1, metavar="H",
+             dest="ld_headroom", help="idle targets speculation leaves to other requests (the orchestrator's "
+             "--speculation-headroom)")
+    add_flag(load, "--new-tokens", env="DSI_SIM_LOAD_NEW_TOKENS", type=_int_at_least(1), default=128, metavar="T",
+             dest="ld_new_tokens", help="tokens each request generates")
+    add_flag(load, "--runs", env="DSI_SIM_LOAD_RUNS", type=_int_at_least(1), default=5, metavar="R",
+             dest="ld_runs", help="runs per level (figures are medians)")
+    _add_common(load, prefix="ld_")
+    load.set_defaults(func=partial(_run_load, parser=load))
 
 
 def _require(parser: argparse.ArgumentParser, args: argparse.Namespace, pairs: dict[str, str]) -> None:
@@ -429,6 +461,56 @@ def _run_suggest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         f"(best {advice.best_dsi:.4f} {unit} at SP {advice.best_sp}; within {advice.tolerance:.0%})"
     )
     print("\n".join(_result_lines(advice.result, unit)))
+    return 0
+
+
+def _run_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rich.progress import Progress  # only for this form
+
+    from dsi.sim.cluster import ClusterSettings, load_sweep  # the multi-request simulator runs the orchestrator's rules
+
+    scale = 1.0 if args.ld_target_latency_ms is None else args.ld_target_latency_ms
+    unit = "t" if args.ld_target_latency_ms is None else "ms"
+    try:
+        settings = ClusterSettings(targets=args.ld_targets, target_latency=scale, lookahead=args.ld_lookahead,
+                                   sp=args.ld_sp, headroom=args.ld_headroom)
+    except ValueError as exc:
+        parser.error(str(exc))
+    levels = len(args.ld_a_values) * len(args.ld_concurrency) * args.ld_runs * 3
+    with Progress(transient=True, disable=args.ld_json) as progress:
+        task = progress.add_task("simulating", total=levels)
+        points = load_sweep(settings, args.ld_a_values, args.ld_concurrency, args.ld_drafter_latency * scale,
+                            args.ld_new_tokens, args.ld_runs, args.ld_seed, lambda: progress.advance(task))
+    rows = []
+    for a in args.ld_a_values:
+        for conc in args.ld_concurrency:
+            by_mode = {p.mode: p for p in points if p.acceptance == a and p.concurrency == conc}
+            dsi, best_rate = by_mode["dsi"], max(by_mode["si"].tokens_per_time, by_mode["nonsi"].tokens_per_time)
+            best_p50 = min(by_mode["si"].p50_latency, by_mode["nonsi"].p50_latency)
+            rate, p50 = dsi.tokens_per_time / best_rate, dsi.p50_latency / best_p50
+            rows.append({"acceptance": a, "concurrency": conc, "dsi_over_best_rate": rate, "dsi_over_best_p50": p50,
+                         "pass": rate >= 0.97 and p50 <= 1.05,
+                         "modes": {m: vars(p) for m, p in by_mode.items()}})
+    if args.ld_json:
+        print(json.dumps({"unit": unit, "settings": {"targets": settings.targets, "lookahead": settings.lookahead,
+                                                     "sp": settings.sp, "headroom": settings.headroom,
+                                                     "drafter_latency": args.ld_drafter_latency,
+                                                     "new_tokens": args.ld_new_tokens, "runs": args.ld_runs},
+                          "rows": rows}))
+        return 0
+    print(f"{settings.targets} targets, c={args.ld_drafter_latency:g}, L={settings.lookahead}, "
+          f"SP={settings.sp or settings.targets}, headroom {settings.headroom}, {args.ld_new_tokens} tokens per "
+          f"request, medians of {args.ld_runs} runs; tokens per {unit}, latency in {unit}")
+    print(f"{'a':>4} {'C':>3} | {'nonSI tok':>9} {'SI tok':>7} {'DSI tok':>7} | {'nonSI p50':>9} {'SI p50':>7} "
+          f"{'DSI p50':>7} | {'SI fwd/tok':>10} {'DSI fwd/tok':>11} | {'DSI/best tok':>12} {'DSI/best p50':>12}  pass")
+    for row in rows:
+        m = row["modes"]
+        print(f"{row['acceptance']:>4g} {row['concurrency']:>3} | {m['nonsi']['tokens_per_time']:>9.3f} "
+              f"{m['si']['tokens_per_time']:>7.3f} {m['dsi']['tokens_per_time']:>7.3f} | "
+              f"{m['nonsi']['p50_latency']:>9.1f} {m['si']['p50_latency']:>7.1f} {m['dsi']['p50_latency']:>7.1f} | "
+              f"{m['si']['forwards_per_token']:>10.2f} {m['dsi']['forwards_per_token']:>11.2f} | "
+              f"{row['dsi_over_best_rate']:>12.3f} {row['dsi_over_best_p50']:>12.3f}  "
+              f"{'PASS' if row['pass'] else 'fail'}")
     return 0
 
 

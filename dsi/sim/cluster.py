@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from dsi.services.orchestrator import policy
 
-__all__ = ["ClusterRequest", "ClusterSettings", "RequestOutcome", "simulate_cluster"]
+__all__ = ["ClusterRequest", "ClusterSettings", "LoadPoint", "RequestOutcome", "load_sweep", "simulate_cluster"]
 
 _TIE = 1e-9  # events closer than this are simultaneous (an asyncio loop's clock resolution)
 _MODES = ("nonsi", "si", "dsi")
@@ -529,3 +529,69 @@ def simulate_cluster(settings: ClusterSettings, requests: Iterable[ClusterReques
     runs = [r for r in reqs if r is not None]
     sim.run(runs)
     return [r.out for r in runs]
+
+
+# -- a load sweep (``dsi simulate load``) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """Medians over runs for one mode at one concurrency: committed tokens per unit of time (all
+    requests' tokens / the time the last one finished), median and p99 request latency, target
+    forwards per committed token."""
+
+    acceptance: float
+    concurrency: int
+    mode: str
+    tokens_per_time: float
+    p50_latency: float
+    p99_latency: float
+    forwards_per_token: float
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def load_sweep(
+    settings: ClusterSettings,
+    acceptances: Sequence[float],
+    concurrencies: Sequence[int],
+    drafter_latency: float,
+    tokens: int,
+    runs: int,
+    seed: int = 0,
+    progress: Callable[[], None] | None = None,
+) -> list[LoadPoint]:
+    """C requests sent at once (each a hair after the previous, in order) per concurrency level, in
+    every mode, ``runs`` times with i.i.d. first rejections (the same draws in every mode of a run)."""
+    import numpy as np  # the simulator's only dependency besides the rules
+
+    points: list[LoadPoint] = []
+    for a in acceptances:
+        for conc in concurrencies:
+            per_mode: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in _MODES}
+            for run in range(runs):
+                rng = np.random.default_rng([seed, run, conc, int(round(a * 1e6))])
+                draws = (
+                    [[1 << 62] * tokens for _ in range(conc)] if a >= 1.0
+                    else [list(rng.geometric(1.0 - a, size=tokens + 1) - 1) for _ in range(conc)]
+                )
+                for mode in _MODES:
+                    specs = [ClusterRequest(i * 1e-6, tokens, mode, drafter_latency, draws[i]) for i in range(conc)]
+                    out = simulate_cluster(settings, specs)
+                    committed = sum(len(o.commit_times) for o in out)
+                    latencies = [o.latency for o in out]
+                    per_mode[mode].append((
+                        committed / max(o.finished for o in out),
+                        _percentile(latencies, 0.5),
+                        _percentile(latencies, 0.99),
+                        sum(o.forwards for o in out) / committed,
+                    ))
+                    if progress is not None:
+                        progress()
+            for mode, rows in per_mode.items():
+                med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
+                points.append(LoadPoint(a, conc, mode, *med))
+    return points

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsi.sim.cluster import ClusterRequest, ClusterSettings, simulate_cluster
+from dsi.sim.cluster import ClusterRequest, ClusterSettings, load_sweep, simulate_cluster
 from dsi.sim.model import _dsi_run
 
 pytestmark = pytest.mark.unit
@@ -65,3 +65,39 @@ def test_rejects_what_it_cannot_simulate() -> None:
         ClusterRequest(0.0, 10, "fast")
     with pytest.raises(ValueError, match="invalid settings"):
         ClusterSettings(targets=0)
+
+
+def test_load_sweep_baselines_and_dsi_alone() -> None:
+    settings = ClusterSettings(targets=4, lookahead=4)
+    points = load_sweep(settings, [0.8], [1, 8], drafter_latency=0.1, tokens=64, runs=2)
+    by = {(p.concurrency, p.mode): p for p in points}
+    assert len(points) == 6
+    # Non-SI: one token per forward; as many tokens per latency as requests, up to the targets (at C = 8
+    # the older requests go first, so the last ones finish with targets idle: below 4 over the run).
+    assert by[(1, "nonsi")].tokens_per_time == pytest.approx(1.0)
+    assert 3.5 < by[(8, "nonsi")].tokens_per_time <= 4.0
+    assert by[(8, "nonsi")].forwards_per_token == pytest.approx(1.0)
+    assert by[(1, "nonsi")].forwards_per_token == pytest.approx(1.0)
+    # One request alone: DSI beats SI, which beats non-SI (a = 0.8, a fast drafter).
+    assert by[(1, "dsi")].tokens_per_time > 1.2 * by[(1, "si")].tokens_per_time > 1.2
+    assert by[(1, "dsi")].p50_latency < by[(1, "si")].p50_latency
+
+
+def test_cli_simulate_load_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from dsi.sim.cli import register
+
+    parser = argparse.ArgumentParser(prog="dsi")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["simulate", "load", "--a-values", "0.8", "--concurrency", "1,2", "--runs", "1",
+                              "--new-tokens", "32", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["acceptance"], r["concurrency"]) for r in out["rows"]] == [(0.8, 1), (0.8, 2)]
+    assert set(out["rows"][0]["modes"]) == {"nonsi", "si", "dsi"}
+    row = out["rows"][0]
+    assert row["dsi_over_best_rate"] == pytest.approx(
+        row["modes"]["dsi"]["tokens_per_time"] / max(row["modes"]["si"]["tokens_per_time"],
+                                                     row["modes"]["nonsi"]["tokens_per_time"]))
