@@ -152,7 +152,7 @@ class _Pool:
         self.free = settings.targets
         self.size = settings.targets
         self.running: list[_Run] = []
-        self.waiters: list[tuple[tuple[int, int, int], _Window]] = []
+        self.waiters: list[tuple[tuple[int, int], _Window]] = []
         self.order = itertools.count()
 
     def spare(self, req: _Request) -> int:
@@ -166,7 +166,7 @@ class _Pool:
             self._start(window)
             return
         window.waiting = True
-        heapq.heappush(self.waiters, (policy.queue_key(window.rank, window.req.seq, next(self.order)), window))
+        heapq.heappush(self.waiters, (policy.queue_key(window.rank, next(self.order)), window))
         if window.rank == 0:
             self._preempt()
 

@@ -1,9 +1,10 @@
 """Placement: which window gets which target instance, and when.
 
 One window at a time per instance; waiting windows queue by rank (0 = a request's critical path),
-then by request age. Speculation yields: when a critical window has to wait, a running speculative
-window (rank >= 1) is preempted, the most speculative first: its forward is cancelled on the target
-(a real cancel, the session cache restored) and the window goes back to the queue with its rank.
+then first come first served (``policy.queue_key``). Speculation yields: when a critical window has
+to wait, a running speculative window (rank >= 1) is preempted, the most speculative first: its
+forward is cancelled on the target (a real cancel, the session cache restored) and the window goes
+back to the queue with its rank.
 
 Affinity: a window prefers the instance that holds the most of its sequence, by the records of
 what each instance holds (``Held``, by reference to the last window it verified there, and the
@@ -52,7 +53,7 @@ class Running:
 
 @dataclass(order=True)
 class _Waiter:
-    priority: tuple[int, int, int]
+    priority: tuple[int, int]
     future: asyncio.Future[TargetInstance] = field(compare=False)
     request: WindowRequest = field(compare=False)
 
@@ -264,7 +265,7 @@ class Placement:
             inst.busy = True
             return inst
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(policy.queue_key(rank, request.request_seq, next(self._seq)), loop.create_future(), request)
+        waiter = _Waiter(policy.queue_key(rank, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
         self._report_queue()

@@ -178,10 +178,20 @@ def window_rank(index: int, applied: int) -> int:
     return index - applied
 
 
-def queue_key(rank: int, request_seq: int, order: int) -> tuple[int, int, int]:
+def queue_key(rank: int, order: int) -> tuple[int, int]:
     """Order of windows waiting for a target instance: by rank (every request's critical window
-    first), then by request age, then first come first served."""
-    return (rank, request_seq, order)
+    first), then first come first served (``order``: when it joined the queue).
+
+    First come first served, not oldest request first: a DSI request drafts its next critical window
+    while the current one computes, so it is ready again the moment its window ends; by request age
+    the oldest requests would hold every instance back to back and the youngest wait for their first
+    token until those finish (a tail with few requests left, where the pool runs below capacity).
+    In arrival order every ready request takes its turn, as SI's requests do (they leave the queue
+    while they draft): the longest wait between two tokens of a request is about the requests
+    running over the instances, forwards (bounded by admission), and a burst of requests finishes
+    together (``dsi simulate load``: by request age DSI makes 0.82x SI's tokens per second with 8
+    requests on 4 targets, first come first served 1.03x)."""
+    return (rank, order)
 
 
 @dataclass(frozen=True)

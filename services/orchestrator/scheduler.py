@@ -77,7 +77,7 @@ class WindowRequest:
     first_position: int
     # 0 = the window on the request's critical path; speculative windows have higher ranks.
     rank: int
-    # Arrival order of the request: among equal ranks, older requests go first.
+    # Arrival order of the request (preemption stops the newest request's speculation first).
     request_seq: int
     draft_probs: list[tuple[list[int], list[float]]] | None = None
     timing: WindowTiming = field(default_factory=WindowTiming, compare=False)

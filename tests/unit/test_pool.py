@@ -19,7 +19,8 @@ def window(session: str, tokens: list[int], rank: int, request_seq: int) -> Wind
     return WindowRequest(session, tokens, len(tokens), rank, request_seq)
 
 
-def test_waiting_windows_are_served_critical_path_first_then_oldest_request() -> None:
+def test_waiting_windows_are_served_critical_path_first_then_first_come() -> None:
+    """By rank, then in the order they started waiting (not by request age: policy.queue_key)."""
     async def main() -> list[str]:
         pool = TargetPool(["127.0.0.1:1"], health_interval_s=60)
         inst = pool.targets.get("127.0.0.1:1")
@@ -46,7 +47,7 @@ def test_waiting_windows_are_served_critical_path_first_then_oldest_request() ->
         await pool.close()
         return order
 
-    assert asyncio.run(main()) == ["critical-old", "critical-new", "speculative-new", "speculative-old"]
+    assert asyncio.run(main()) == ["critical-new", "critical-old", "speculative-new", "speculative-old"]
 
 
 def test_free_instance_with_the_longest_cached_prefix_is_preferred() -> None:
