@@ -55,6 +55,11 @@ class ClusterSettings:
         forward_time: if set, the duration of each forward instead of ``target_latency``, from (the
             request's index in arrival order, the first position the window scores counted from the
             request's first generated token, the positions it scores).
+        drafter: "own" (each request has a drafter of its own), or one drafter every request shares,
+            one draft at a time, urgent drafts (``policy.urgent_until``) first, a background draft
+            preempted when an urgent one comes (the drafter service's engine), and among drafts of
+            one urgency: "shared-age" the oldest request's first (as the orchestrator asks of the
+            drafter service), "shared-fifo" first come first served.
     """
 
     targets: int
@@ -63,10 +68,13 @@ class ClusterSettings:
     sp: int = 0
     headroom: int = 1
     forward_time: Callable[[int, int, int], float] | None = None
+    drafter: str = "own"
 
     def __post_init__(self) -> None:
         if self.targets < 1 or self.lookahead < 1 or self.sp < 0 or self.headroom < 0:
             raise ValueError(f"invalid settings: {self}")
+        if self.drafter not in ("own", "shared-age", "shared-fifo"):
+            raise ValueError(f"drafter must be own, shared-age or shared-fifo, got {self.drafter!r}")
         if not (self.target_latency > 0 and math.isfinite(self.target_latency)):
             raise ValueError(f"target_latency must be a finite number > 0, got {self.target_latency!r}")
 
@@ -248,18 +256,27 @@ class _Stream:
         self.cancelled = False
         req.k = req.next_reject()  # the script: one first-rejection index per stream opened
         self.pending = False
+        self.made = 0  # drafts this stream has made (its next draft has this index in the epoch)
         self._next()
 
     def _next(self) -> None:
         if self.credit > 0 and not self.pending and not self.cancelled:
             self.pending = True
-            self.sim.timer(self.sim.now + self.req.spec.drafter_latency, self._arrive, self.req)
+            if self.sim.drafter is not None:
+                self.sim.drafter.submit(self)
+            else:
+                self.sim.timer(self.sim.now + self.req.spec.drafter_latency, self.arrive, self.req)
 
-    def _arrive(self) -> None:
+    def urgent(self) -> bool:
+        """The next draft is one the request's critical window needs (SI: every draft)."""
+        return self.req.urgent_until is None or self.made < self.req.urgent_until
+
+    def arrive(self) -> None:
         self.pending = False
         if self.cancelled:
             return
         self.credit -= 1
+        self.made += 1
         self.sim.deliver(self.req, lambda: self.on_draft(self), late=False)
         self._next()
 
@@ -269,6 +286,60 @@ class _Stream:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.sim.drafter is not None:
+            self.sim.drafter.drop(self)
+
+
+@dataclass(eq=False)
+class _Step:
+    stream: _Stream
+    order: int
+    over: bool = False
+
+
+class _SharedDrafter:
+    """One drafter for every request: a draft at a time, urgent first, background preempted."""
+
+    def __init__(self, sim: _Sim, fifo: bool) -> None:
+        self.sim, self.fifo = sim, fifo
+        self.queue: list[_Step] = []
+        self.running: _Step | None = None
+        self.order = itertools.count()
+
+    def _priority(self, step: _Step) -> tuple[int, int]:
+        return (0 if step.stream.urgent() else 1, step.order if self.fifo else step.stream.req.seq)
+
+    def submit(self, stream: _Stream) -> None:
+        step = _Step(stream, next(self.order))
+        self.queue.append(step)
+        running = self.running
+        if running is not None and not running.stream.urgent() and stream.urgent():
+            running.over = True  # preempted: it runs again later, from the start
+            self.queue.append(_Step(running.stream, next(self.order)))
+            self.running = None
+        self._kick()
+
+    def drop(self, stream: _Stream) -> None:
+        self.queue = [s for s in self.queue if s.stream is not stream]
+        if self.running is not None and self.running.stream is stream:
+            self.running.over = True
+            self.running = None
+            self._kick()
+
+    def _kick(self) -> None:
+        if self.running is not None or not self.queue:
+            return
+        step = min(self.queue, key=lambda s: (self._priority(s), s.order))
+        self.queue.remove(step)
+        self.running = step
+        self.sim.timer(self.sim.now + step.stream.req.spec.drafter_latency, lambda: self._done(step), step.stream.req)
+
+    def _done(self, step: _Step) -> None:
+        if step.over:
+            return
+        self.running = None
+        step.stream.arrive()
+        self._kick()
 
 
 class _Request:
@@ -288,6 +359,7 @@ class _Request:
         self.decided = 0
         self.requested = 0
         self.stream: _Stream | None = None
+        self.urgent_until: int | None = None  # drafts of the epoch below this are urgent (None: all)
 
     # -- shared pieces (as in ``Scheduler``) --------------------------------------------------------
 
@@ -342,6 +414,7 @@ class _Request:
         self.drafts = self.applied = self.decided = self.requested = 0
         self.windows = []
         self.stream = None
+        self.urgent_until = None
         mode = self.spec.mode
         if mode == "nonsi":
             self._dispatch(0, 0, 0)
@@ -390,6 +463,7 @@ class _Request:
         load = policy.Load(spare_targets=self.pool.spare(self))
         for start, end in policy.windows_to_dispatch(self._state(), self.cfg.lookahead, sp, load):
             self._dispatch(start, end, policy.window_rank(len(self.windows), self.applied))
+        self.urgent_until = policy.urgent_until(self._state(), self.cfg.lookahead)
 
     def _open_drafter(self, sp: int) -> None:
         if self.done():
@@ -463,6 +537,7 @@ class _Sim:
     def __init__(self, settings: ClusterSettings) -> None:
         self.now = 0.0
         self.pool = _Pool(self, settings)
+        self.drafter = None if settings.drafter == "own" else _SharedDrafter(self, settings.drafter == "shared-fifo")
         self.finished = 0
         self._timers: list[tuple[float, int, Callable[[], None], _Request]] = []
         self._seq = itertools.count()

@@ -101,3 +101,34 @@ def test_cli_simulate_load_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert row["dsi_over_best_rate"] == pytest.approx(
         row["modes"]["dsi"]["tokens_per_time"] / max(row["modes"]["si"]["tokens_per_time"],
                                                      row["modes"]["nonsi"]["tokens_per_time"]))
+
+
+def test_a_shared_drafter_serves_one_request_as_its_own_would() -> None:
+    rng = np.random.default_rng(5)
+    first_rejects = [int(k) for k in rng.geometric(0.3, size=100) - 1]
+    own = simulate_cluster(ClusterSettings(targets=4), [ClusterRequest(0.0, 60, "dsi", 0.1, first_rejects)])[0]
+    shared = simulate_cluster(ClusterSettings(targets=4, drafter="shared-age"),
+                              [ClusterRequest(0.0, 60, "dsi", 0.1, first_rejects)])[0]
+    assert shared.commit_times == pytest.approx(own.commit_times)
+
+
+def test_a_shared_drafter_drafts_one_at_a_time_oldest_request_first() -> None:
+    settings = ClusterSettings(targets=2, lookahead=2, drafter="shared-age")
+    older, younger = simulate_cluster(settings, [ClusterRequest(0.0, 3, "si", 0.1, NEVER),
+                                                 ClusterRequest(1e-3, 3, "si", 0.1, NEVER)])
+    # The older request's 2 drafts at 0.1 and 0.2, then the younger's at 0.3 and 0.4; a forward each.
+    assert older.commit_times == pytest.approx([1.2] * 3)
+    assert younger.commit_times == pytest.approx([1.4] * 3)
+    # Each with a drafter of its own, both draft at once.
+    older, younger = simulate_cluster(ClusterSettings(targets=2, lookahead=2), [
+        ClusterRequest(0.0, 3, "si", 0.1, NEVER), ClusterRequest(1e-3, 3, "si", 0.1, NEVER)])
+    assert younger.commit_times == pytest.approx([1.2 + 1e-3] * 3)
+
+
+def test_an_urgent_draft_preempts_a_background_one() -> None:
+    """A DSI request alone drafts ahead of its critical window (background) from t = 0.4; an SI
+    request arriving at 0.55 gets the drafter at once (the background draft begun at 0.5 is stopped):
+    its draft at 0.65, its forward to 1.65."""
+    dsi, si = simulate_cluster(ClusterSettings(targets=4, lookahead=4, headroom=0, drafter="shared-age"),
+                               [ClusterRequest(0.0, 40, "dsi", 0.1, NEVER), ClusterRequest(0.55, 2, "si", 0.1, NEVER)])
+    assert si.commit_times == pytest.approx([1.65, 1.65])
