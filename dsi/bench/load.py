@@ -47,6 +47,8 @@ COUNTERS = (
     "forwards_completed", "computed_tokens", "cache_hit_tokens", "cancelled_mid_forward", "cancelled_queued",
     "cache_fill_tokens",
 )
+# The drafter's, likewise.
+DRAFTER_COUNTERS = ("forwards_completed", "preempted")
 
 
 def _noop(_: str) -> None:
@@ -158,8 +160,11 @@ def run_summary(
     counters: dict[str, int],
     busy_s: float | None,
     targets: int,
+    drafter: dict[str, int] | None = None,
+    drafter_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """One run's figures from its requests, the targets' counter deltas and the busy-seconds delta."""
+    """One run's figures from its requests, the targets' counter deltas, the busy-seconds delta and
+    the drafter's counter deltas (``drafter``; its emulated ``drafter_ms`` per draft)."""
     ok = [r for r in records if not r.error]
     tokens = sum(r.new_tokens for r in ok)
     per_token = max(1, tokens)
@@ -197,6 +202,13 @@ def run_summary(
         "acceptance_rate": total("drafts_accepted") / verified if verified else 0.0,
         "wasted_target_s": sum(float(st.get("wasted_target_s", 0.0)) for st in stats),
         "max_windows_in_flight": max((int(st.get("max_windows_in_flight", 0)) for st in stats), default=0),
+        # The drafter (one process, one draft at a time): drafts it completed and background drafts it
+        # stopped for urgent ones, per committed token, and the share of the run it spent on completed
+        # drafts (each takes at least the emulated latency: a lower bound of its busy time).
+        "drafter_drafts_per_token": drafter["forwards_completed"] / per_token if drafter else None,
+        "drafter_preempted_per_token": drafter["preempted"] / per_token if drafter else None,
+        "drafter_busy_fraction": (drafter["forwards_completed"] * drafter_ms / 1000.0 / elapsed_s
+                                  if drafter and elapsed_s > 0 and drafter_ms > 0 else None),
         "latency_s": lat,
         "ttft_s": ttft,
         "start_s": [r.start_s for r in ok],
@@ -209,7 +221,8 @@ MEDIAN_KEYS = (
     "target_forwards_per_token", "target_aborted_forwards_per_token", "target_computed_tokens_per_token",
     "target_cache_hit_tokens_per_token", "target_fill_tokens_per_request", "windows_per_token",
     "windows_cancelled_per_request", "drafts_per_window",
-    "acceptance_rate", "wasted_target_s",
+    "acceptance_rate", "wasted_target_s", "drafter_drafts_per_token", "drafter_preempted_per_token",
+    "drafter_busy_fraction",
 )
 
 
@@ -279,6 +292,27 @@ def _busy_seconds(metrics_port: int) -> float | None:
         if family.name == "dsi_target_busy_seconds":
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
+
+
+class _Drafter:
+    """The drafter's Info counters."""
+
+    def __init__(self, address: str) -> None:
+        import grpc
+
+        from dsi.v1 import drafter_pb2_grpc
+
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = drafter_pb2_grpc.DrafterServiceStub(self._channel)
+
+    async def counters(self) -> dict[str, int]:
+        from dsi.v1 import drafter_pb2
+
+        info = await self._stub.Info(drafter_pb2.DrafterInfoRequest(), timeout=10)
+        return {k: int(getattr(info.counters, k)) for k in DRAFTER_COUNTERS}
+
+    async def close(self) -> None:
+        await self._channel.close()
 
 
 class _Targets:
@@ -404,11 +438,14 @@ async def measure_cell(
     s: LoadSettings,
     progress: ProgressFn = _noop,
     prompts: Sequence[str] = PROMPTS,
+    drafter_address: str | None = None,
+    drafter_ms: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Every level and mode, repeated, on one running cluster; returns the levels' results."""
     from dsi.client import AsyncClient
 
     targets = _Targets(target_addresses)
+    drafter = _Drafter(drafter_address) if drafter_address else None
     runs: dict[tuple[str, float], dict[str, list[dict[str, Any]]]] = {
         lv: {m: [] for m in s.modes} for lv in s.levels()
     }
@@ -421,21 +458,29 @@ async def measure_cell(
                 for kind, value in s.levels():
                     for mode in mode_order(rep, s.modes):
                         before = await targets.counters()
+                        drafter_before = await drafter.counters() if drafter else None
                         busy_before = await asyncio.to_thread(_busy_seconds, metrics_port)
                         if kind == "closed":
                             records, elapsed = await _closed(client, mode, int(value), s, rep, prompts)
                         else:
                             records, elapsed = await _open(client, mode, value, s, rep, prompts)
                         after = await targets.counters()
+                        drafter_after = await drafter.counters() if drafter else None
                         busy_after = await asyncio.to_thread(_busy_seconds, metrics_port)
                         busy = None if busy_before is None or busy_after is None else busy_after - busy_before
                         delta = {k: after[k] - before[k] for k in COUNTERS}
-                        summary = run_summary(records, elapsed, delta, busy, len(target_addresses))
+                        drafted = None
+                        if drafter_before is not None and drafter_after is not None:
+                            drafted = {k: drafter_after[k] - drafter_before[k] for k in DRAFTER_COUNTERS}
+                        summary = run_summary(records, elapsed, delta, busy, len(target_addresses), drafted,
+                                              drafter_ms)
                         runs[(kind, value)][mode].append(summary)
                         label = f"C={int(value)}" if kind == "closed" else f"rate={value:g}/s"
                         progress(f"rep {rep + 1}/{s.repeats} {label} {mode}: {summary['tokens_per_s']:.0f} tok/s")
     finally:
         await targets.close()
+        if drafter is not None:
+            await drafter.close()
     levels = []
     for (kind, value), by_mode in runs.items():
         modes = {m: mode_summary(reps) for m, reps in by_mode.items()}
@@ -489,7 +534,8 @@ def run_cell(
             load_before = os.getloadavg()
             prompts = make_prompts(s, pair[0])
             levels = asyncio.run(
-                measure_cell(address, [t.address for t in cluster.targets], metrics_port, s, progress, prompts)
+                measure_cell(address, [t.address for t in cluster.targets], metrics_port, s, progress, prompts,
+                             cluster.service("drafter").address, drafter_ms)
             )
             load_after = os.getloadavg()
         finally:
@@ -538,7 +584,8 @@ def run_load(s: LoadSettings, progress: ProgressFn = _noop) -> dict[str, Any]:
 
 HEADERS = (
     "c/a", "load", "mode", "tok/s", "p50 s", "p99 s", "TTFT p50", "TTFT p99", "busy", "fwd/tok",
-    "comp tok/tok", "fill tok/req", "drafts/win", "DSI/SI tok/s", "DSI/nonSI tok/s", "pass",
+    "comp tok/tok", "fill tok/req", "drafts/win", "drafter busy", "drafts/tok", "DSI/SI tok/s",
+    "DSI/nonSI tok/s", "pass",
 )
 
 
@@ -567,6 +614,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
                     _f(m["target_busy_fraction"], ".2f"), f"{m['target_forwards_per_token']:.2f}",
                     f"{m['target_computed_tokens_per_token']:.2f}",
                     f"{m.get('target_fill_tokens_per_request', 0.0):.0f}", f"{m['drafts_per_window']:.2f}",
+                    _f(m.get("drafter_busy_fraction"), ".2f"), _f(m.get("drafter_drafts_per_token"), ".2f"),
                     _f(level.get("dsi_over_si_tokens_per_s"), ".2f") if last else "",
                     _f(level.get("dsi_over_nonsi_tokens_per_s"), ".2f") if last else "",
                     passed,
@@ -624,7 +672,8 @@ CAPTION = (
     "client time to first token; busy: orchestrator's target-busy seconds / (targets x run time); fwd/tok: "
     "completed target forwards per committed token; comp tok/tok: prompt + window tokens the targets computed per "
     "committed token; fill tok/req: tokens computed only to fill caches (prompt prefills, catch-ups) per request; "
-    "drafts/win: drafts verified per applied window; pass: DSI tok/s >= "
+    "drafts/win: drafts verified per applied window; drafter busy: drafts the drafter completed x its emulated "
+    "latency / run time (a lower bound); drafts/tok: drafts it completed per committed token; pass: DSI tok/s >= "
     f"{TOKENS_MIN} x best and p50 <= {P50_MAX} x best"
 )
 

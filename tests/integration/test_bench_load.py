@@ -60,7 +60,13 @@ def test_bench_load_small_cell(tmp_path: Path) -> None:
             assert m["target_computed_tokens_per_token"] >= 1.0
             assert 0 < m["drafts_per_window"] <= s.lookahead
             assert 0 < m["acceptance_rate"] <= 1
+            # The drafter's counters: one draft at a time, it cannot be busier than the run is long.
+            assert 0 < m["drafter_busy_fraction"] <= 1.05
+            assert m["drafter_preempted_per_token"] >= 0
         assert level["modes"]["si"]["target_forwards_per_token"] < 0.6
+        # SI applies every window it sends: the drafts it verified were made (made >= verified).
+        si = level["modes"]["si"]
+        assert si["drafter_drafts_per_token"] >= si["drafts_per_window"] * si["windows_per_token"] * 0.99 > 0
         assert level["dsi_over_si_tokens_per_s"] > 0 and level["dsi_over_si_tokens_per_s_paired"] > 0
         assert "tokens_pass" not in level  # no non-SI: no criteria
     assert "| C=1 | 0.8 |" in paths[1].read_text()
