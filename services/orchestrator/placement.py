@@ -10,9 +10,9 @@ Affinity: a window prefers the instance that holds the most of its sequence, by 
 what each instance holds (``Held``, by reference to the last window it verified there, and the
 request's committed prefix hashes), so working that out costs the window's uncommitted tail. Where a
 window would first compute more than COLD_TOKENS tokens (a *cold* instance: a long prompt's
-prefill) it goes only onto capacity nobody else needs: a speculative window does not start a cold
-prefill while an instance is warm for its request (unless no other request uses the pool), and
-under load a critical window takes a warm instance from speculation rather than prefill cold."""
+prefill) it goes only onto capacity nobody else needs: no window starts a cold prefill while an
+instance is warm for its request (unless no other request uses the pool); under load a critical
+window takes a warm instance from speculation, or waits for one, rather than prefill cold."""
 
 from __future__ import annotations
 
@@ -170,9 +170,11 @@ class Placement:
         ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
 
     def _may_run(self, inst: TargetInstance, window: WindowRequest, rank: int) -> bool:
-        """A critical window runs anywhere; a speculative one starts a cold prefill only when no
-        instance is warm for its request or no other request uses the pool."""
-        if rank == 0 or not self._cold(inst, window) or self._quiet(window.session_id):
+        """A window starts a cold prefill only when no instance is warm for its request or no other
+        request uses the pool: under load a critical window, too, waits for an instance that holds
+        its session (one forward at most, the queue being first come first served) rather than
+        recompute the prompt elsewhere (``rank`` is kept for the callers' symmetry)."""
+        if not self._cold(inst, window) or self._quiet(window.session_id):
             return True
         return not any(i.healthy and self._warm(i, window.session_id) for i in self.targets.all())
 
@@ -256,14 +258,14 @@ class Placement:
         choices = [i for i in free if self._may_run(i, request, rank)] if free and not self._waiters else []
         if choices:
             inst = self._best(choices, request)
-            if rank == 0 and self._cold(inst, request) and not self._quiet(request.session_id):
-                # Rather than prefill cold under load, take a warm instance from speculation.
-                victim = self._warm_victim(request)
-                if victim is not None:
-                    got = await self._take_over(victim)
-                    return got if got is not None else await self.acquire(request)
             inst.busy = True
             return inst
+        if rank == 0 and free and not self._waiters:
+            # Every free instance is cold for it under load: take a warm one from speculation, or wait.
+            victim = self._warm_victim(request)
+            if victim is not None:
+                got = await self._take_over(victim)
+                return got if got is not None else await self.acquire(request)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(policy.queue_key(rank, next(self._seq)), loop.create_future(), request)
         heapq.heappush(self._waiters, waiter)

@@ -637,3 +637,35 @@ def test_a_short_sequence_is_warm_everywhere() -> None:
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_under_load_a_critical_window_waits_for_its_warm_instance_rather_than_prefill_cold() -> None:
+    """The warm instance computes another request's critical window (nothing to preempt): the
+    critical window waits for it (one forward) instead of computing 600 tokens on the idle cold B."""
+
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        _occupy(pool, "A:1", "other", rank=0)
+        _occupy(pool, "C:1", "other", rank=0)
+        critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
+        task = asyncio.ensure_future(pool.placement.acquire(critical))
+        await asyncio.sleep(0.01)
+        assert not task.done() and not pool.targets.get("B:1").busy  # no cold prefill on B
+        pool.targets.get("A:1").running = None
+        pool.placement.release(pool.targets.get("A:1"))
+        assert (await task).address == "A:1"
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_critical_window_prefills_cold_when_no_instance_holds_its_session() -> None:
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        pool.targets.get("A:1").mark_down("gone")  # the only warm instance
+        _occupy(pool, "C:1", "other", rank=0)
+        critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
+        assert (await asyncio.wait_for(pool.placement.acquire(critical), 1.0)).address == "B:1"
+        await pool.close()
+
+    asyncio.run(main())
