@@ -169,11 +169,11 @@ class Placement:
             i.running is None or i.running.window.session_id == session_id for i in self.targets.all()
         ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
 
-    def _may_run(self, inst: TargetInstance, window: WindowRequest, rank: int) -> bool:
+    def _may_run(self, inst: TargetInstance, window: WindowRequest) -> bool:
         """A window starts a cold prefill only when no instance is warm for its request or no other
         request uses the pool: under load a critical window, too, waits for an instance that holds
         its session (one forward at most, the queue being first come first served) rather than
-        recompute the prompt elsewhere (``rank`` is kept for the callers' symmetry)."""
+        recompute the prompt elsewhere."""
         if not self._cold(inst, window) or self._quiet(window.session_id):
             return True
         return not any(i.healthy and self._warm(i, window.session_id) for i in self.targets.all())
@@ -236,11 +236,11 @@ class Placement:
     def _first_that_may_run(self, free: list[TargetInstance]) -> tuple[_Waiter, list[TargetInstance]] | None:
         """The first waiter in queue order that may run on one of the free instances, and those."""
         first = self._waiters[0]
-        choices = [i for i in free if self._may_run(i, first.request, first.priority[0])]
+        choices = [i for i in free if self._may_run(i, first.request)]
         if choices:
             return first, choices
         for waiter in sorted(w for w in self._waiters[1:] if not w.future.done()):
-            choices = [i for i in free if self._may_run(i, waiter.request, waiter.priority[0])]
+            choices = [i for i in free if self._may_run(i, waiter.request)]
             if choices:
                 return waiter, choices
         return None
@@ -255,7 +255,7 @@ class Placement:
             await self.targets.wait_for_change(interval)
         rank = self.rank(request)
         free = self._free()
-        choices = [i for i in free if self._may_run(i, request, rank)] if free and not self._waiters else []
+        choices = [i for i in free if self._may_run(i, request)] if free and not self._waiters else []
         if choices:
             inst = self._best(choices, request)
             inst.busy = True
