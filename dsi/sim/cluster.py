@@ -12,10 +12,11 @@ a virtual clock against the same script and requires the same commits at the sam
 
 The script (all times in units of the target latency, or in seconds; any unit):
 
-- a target forward takes ``target_latency`` whatever the window's length (a window that is
-  preempted or cancelled frees its instance at once);
+- a target forward takes ``target_latency`` whatever the window's length (or ``forward_time``'s
+  value for it; a window that is preempted or cancelled frees its instance at once);
 - each request has its own drafter, one draft every ``drafter_latency`` under the credit the rules
-  grant (a shared drafter is not modelled);
+  grant, or all share one (``ClusterSettings.drafter``; the conformance test covers only the
+  former);
 - per epoch (per round in SI) the index K of its first rejected draft, counted from the epoch's
   first position: draft K is wrong, every earlier one right (``first_rejects``).
 
