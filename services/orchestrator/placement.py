@@ -170,13 +170,15 @@ class Placement:
         ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
 
     def _may_run(self, inst: TargetInstance, window: WindowRequest) -> bool:
-        """A window starts a cold prefill only when no instance is warm for its request or no other
-        request uses the pool: under load a critical window, too, waits for an instance that holds
-        its session (one forward at most, the queue being first come first served) rather than
-        recompute the prompt elsewhere."""
+        """A window starts a cold prefill only when no healthy instance could compute it warm, or no
+        other request uses the pool: under load a critical window, too, waits for an instance that
+        holds its session (behind the windows queued before it) rather than recompute the prompt
+        elsewhere. Judged per window (not by ``_warm``, which looks at the committed prefix only):
+        an instance that holds the session's committed prefix but not this window's drafts far
+        enough is no better than a cold one, and must not keep the window waiting."""
         if not self._cold(inst, window) or self._quiet(window.session_id):
             return True
-        return not any(i.healthy and self._warm(i, window.session_id) for i in self.targets.all())
+        return not any(i.healthy and not self._cold(i, window) for i in self.targets.all())
 
     def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
         """A warm instance for the window running a speculative window that may be preempted."""
@@ -271,7 +273,9 @@ class Placement:
         heapq.heappush(self._waiters, waiter)
         self._live_waiters += 1
         self._report_queue()
-        if rank == 0:
+        # Instances may be free that the windows queued before it may not use (cold for them).
+        self._hand_off()
+        if rank == 0 and not waiter.future.done():
             self._preempt_for_critical()
         try:
             return await waiter.future
@@ -317,6 +321,10 @@ class Placement:
         """Preempt running speculative windows, the most speculative first (then the newest
         request's, then the latest started: the queue's order backwards), until every waiting
         critical window has an instance coming."""
+        if self._free():
+            # The waiting critical windows may not use the free instances (cold for them): stopping
+            # speculation elsewhere would not help them either (a warm one is taken over in acquire).
+            return
         critical = sum(1 for w in self._waiters if w.priority[0] == 0 and not w.future.done())
         instances = [i for i in self.targets.all() if i.healthy and i.running is not None]
         running = [

@@ -15,10 +15,11 @@ requires the same commits at the same times. The rules:
 
 Speculation spends only capacity nobody else needs (docs/architecture.md, "A request, end to end"):
 
-- The request's *critical* window (rank 0: it computes the first undecided position) goes out as
-  soon as it carries ``lookahead`` drafts, or every draft it will ever get. A shorter critical
-  window, or the zero-draft window at the start of an epoch (the non-SI step), goes out only while
-  a target instance would otherwise idle: under load each forward must carry a full window.
+- The request's *critical* window (rank 0: it computes the first undecided position, from which
+  it starts) goes out as soon as it carries ``lookahead`` drafts, or every draft it will ever get.
+  A shorter critical window, or a zero-draft window (the non-SI step: at the start of an epoch, or
+  whenever no draft is there yet for the first undecided position), goes out only while a target
+  instance would otherwise idle: under load each forward must carry a full window.
 - A *speculative* window (rank >= 1) goes out only full and only onto an idle instance nobody is
   waiting for, except the full window right after a short critical one (window 0, say), which the
   request needs next almost surely and which must not wait for the short one. The pool preempts a

@@ -454,12 +454,13 @@ class Scheduler:
                     ep.stream = None
                     ep.requested = len(ep.drafts)
                 # Whatever the event, every window whose call has finished is applied before anything
-                # is dispatched (a draft that arrives as a window finishes sees its result), as the
-                # simulators do: the order of simultaneous events does not change the decisions.
+                # is dispatched (a draft handled after a window's call ended sees its result), as the
+                # simulators do.
                 if self._collect_results(ep):
                     end = self._apply_ready(ep)
                     if end is not None:
                         return
+                self._raise_if_critical_failed(ep)
                 sp = self._sp()
                 self._dispatch_ready(ep, sp)
                 self._open_drafter(ep, sp)
@@ -468,17 +469,26 @@ class Scheduler:
 
     @staticmethod
     def _collect_results(ep: _Epoch) -> bool:
-        """Take the results of the windows whose calls have finished (a failure raises); True when
-        there were new ones."""
+        """Take the results of the windows whose calls have finished; True when there were new ones.
+        A failed window is left for ``_raise_if_critical_failed``: windows before it may end the
+        epoch first, and then its failure does not matter."""
         new = False
         for window in ep.windows[ep.applied :]:
-            if window.result is None and window.task.done():
-                exc = window.task.exception()
-                if exc is not None:
-                    raise exc
-                window.result = window.task.result()
+            task = window.task
+            if window.result is None and task.done() and not task.cancelled() and task.exception() is None:
+                window.result = task.result()
                 new = True
         return new
+
+    @staticmethod
+    def _raise_if_critical_failed(ep: _Epoch) -> None:
+        """The request's critical window (every window before it applied) failed: that is the
+        request's failure (the pool has already retried it elsewhere)."""
+        if ep.applied < len(ep.windows):
+            task = ep.windows[ep.applied].task
+            exc = task.exception() if task.done() and not task.cancelled() else None
+            if exc is not None:
+                raise exc
 
     def _apply_ready(self, ep: _Epoch) -> EpochEnd | None:
         applied = ep.applied

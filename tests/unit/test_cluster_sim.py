@@ -29,7 +29,7 @@ def test_non_si_shares_the_targets_one_token_per_forward() -> None:
     # Two requests on four targets: each gets a token per forward.
     out = simulate_cluster(ClusterSettings(targets=4), [ClusterRequest(0.0, 10, "nonsi") for _ in range(2)])
     assert [o.commit_times for o in out] == [[float(i) for i in range(1, 11)]] * 2
-    # Eight requests on four targets: four tokens per forward in all, older requests first.
+    # Eight requests on four targets: four tokens per forward in all, first come first served.
     out = simulate_cluster(ClusterSettings(targets=4), [ClusterRequest(0.0, 10, "nonsi") for _ in range(8)])
     assert max(o.finished for o in out) == pytest.approx(20.0)
     assert sum(len(o.commit_times) for o in out) == 80
@@ -72,8 +72,8 @@ def test_load_sweep_baselines_and_dsi_alone() -> None:
     points = load_sweep(settings, [0.8], [1, 8], drafter_latency=0.1, tokens=64, runs=2)
     by = {(p.concurrency, p.mode): p for p in points}
     assert len(points) == 6
-    # Non-SI: one token per forward; as many tokens per latency as requests, up to the targets (at C = 8
-    # the older requests go first, so the last ones finish with targets idle: below 4 over the run).
+    # Non-SI: one token per forward; as many tokens per latency as requests, up to the targets (at most
+    # 4 at C = 8; less if the last requests finish with targets idle).
     assert by[(1, "nonsi")].tokens_per_time == pytest.approx(1.0)
     assert 3.5 < by[(8, "nonsi")].tokens_per_time <= 4.0
     assert by[(8, "nonsi")].forwards_per_token == pytest.approx(1.0)

@@ -669,3 +669,43 @@ def test_a_critical_window_prefills_cold_when_no_instance_holds_its_session() ->
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_an_instance_holding_the_prefix_but_not_the_window_does_not_keep_it_waiting() -> None:
+    """A holds the session's committed 600 tokens but the window scores from 300 drafts further on:
+    A is no better than a cold instance, so the critical window takes the idle B rather than wait for
+    an instance that would have to catch up anyway (it used to wait until the pool went quiet)."""
+
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        _occupy(pool, "A:1", "other", rank=0)
+        _occupy(pool, "C:1", "other", rank=0)
+        drafts = list(range(1, 301))
+        critical = WindowRequest("s", tokens + drafts, 900, 0, 1, committed=600)
+        assert (await asyncio.wait_for(pool.placement.acquire(critical), 1.0)).address == "B:1"
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_window_waiting_for_its_warm_instance_leaves_the_free_ones_to_others() -> None:
+    """The session's critical window waits for warm A; a short window of another request arriving
+    next takes the idle B at once, and nothing is preempted for the waiting one."""
+
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        _occupy(pool, "A:1", "other", rank=0)
+        _occupy(pool, "C:1", "third", rank=1)  # speculation that must not be stopped for nothing
+        critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
+        waiting = asyncio.ensure_future(pool.placement.acquire(critical))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert not pool.targets.get("C:1").running.preempt.done()
+        short = WindowRequest("x", [1, 2, 3, 4], 3, 1, 2, committed=3)
+        assert (await asyncio.wait_for(pool.placement.acquire(short), 1.0)).address == "B:1"
+        pool.targets.get("A:1").running = None
+        pool.placement.release(pool.targets.get("A:1"))
+        assert (await waiting).address == "A:1"
+        await pool.close()
+
+    asyncio.run(main())

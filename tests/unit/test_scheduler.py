@@ -289,3 +289,31 @@ def test_retries_count_every_window_also_those_cancelled(mode: str) -> None:
     assert stats.retries == len(target.calls) == stats.windows_dispatched
     if mode == "dsi":
         assert stats.windows_cancelled > 0  # some of those retried windows were never applied
+
+
+class _SpeculationFails(FakeTarget):
+    """Every speculative window fails at once (as a window does whose retries are used up)."""
+
+    async def verify(self, window):  # type: ignore[no-untyped-def]
+        if window.rank > 0:
+            raise ConnectionError("speculative window failed")
+        return await super().verify(window)
+
+
+def test_a_failed_window_fails_the_request_only_once_it_is_the_critical_one() -> None:
+    """A drafter whose drafts are always rejected: each epoch ends at its critical window, so the
+    speculative windows that fail never become critical; the request completes, exactly."""
+    ids, _, stats, _ = generate("dsi", _SpeculationFails(instances=4), FakeDrafter(latency=0.05, acceptance=0.0))
+    assert ids == reference(PROMPT, 40)
+    assert stats.windows_dispatched > stats.windows_applied  # speculative windows were sent (and failed)
+
+
+def test_a_critical_window_that_fails_fails_the_request() -> None:
+    class CriticalFails(FakeTarget):
+        async def verify(self, window):  # type: ignore[no-untyped-def]
+            if window.first_position >= len(PROMPT) + 5:
+                raise ConnectionError("target failed")
+            return await super().verify(window)
+
+    with pytest.raises(ConnectionError):
+        generate("dsi", CriticalFails(instances=4), FakeDrafter(latency=0.05, acceptance=0.9))
