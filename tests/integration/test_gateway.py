@@ -27,7 +27,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from dsi.client import Client  # noqa: E402
 from dsi.default_pair import PRETRAINED  # noqa: E402
 from dsi.v1 import target_pb2, target_pb2_grpc  # noqa: E402
-from tests.integration.procs import Service, start_service  # noqa: E402
+from tests.integration.procs import Service, start_cluster, start_service  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -65,27 +65,17 @@ def cluster(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
     logs = tmp_path_factory.mktemp("gateway-logs")
     template = logs / "chat.jinja"
     template.write_text(TEMPLATE)
-    started: list[Service] = []
-    try:
-        targets = [start_service("target", ["--model", str(target_dir), "--threads", "1"], logs) for _ in range(2)]
-        started += targets
-        drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], logs)
-        started.append(drafter)
-        orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address], logs)
-        started.append(orch)
+    with start_cluster(target_dir, drafter_dir, logs) as c:
+        orch = c.orchestrator
         # --tokenizer: the orchestrator names its model without the checkpoint's path.
         gw, url = start_gateway(orch.address, logs, "--chat-template", str(template), "--tokenizer", str(target_dir))
-        started.append(gw)
+        c.add(gw)
         keyed, keyed_url = start_gateway(orch.address, logs, "--api-key", "sesame", "--served-model-name", "tiny",
                                          "--max-concurrent-requests", "1", "--max-request-bytes", "2000",
                                          "--tokenizer", str(target_dir))
-        started.append(keyed)
+        c.add(keyed)
         yield {"orchestrator": orch.address, "url": url, "keyed_url": keyed_url, "model": target_dir.name,
                "tokenizer": AutoTokenizer.from_pretrained(str(target_dir))}
-    finally:
-        for s in reversed(started):
-            s.stop()
 
 
 @pytest.fixture(scope="module")

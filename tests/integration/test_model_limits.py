@@ -13,7 +13,7 @@ import torch
 
 from dsi.client import Client, DSIError
 from dsi.tiny_models import build_tiny_arch_pair
-from tests.integration.procs import Service, greedy_reference, start_service
+from tests.integration.procs import Service, greedy_reference, start_cluster, start_service
 
 pytestmark = pytest.mark.integration
 
@@ -29,20 +29,8 @@ def gpt2_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def cluster(gpt2_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
     target_dir, drafter_dir = gpt2_pair
-    logs = tmp_path_factory.mktemp("ctx-logs")
-    started: list[Service] = []
-    try:
-        targets = [start_service("target", ["--model", str(target_dir), "--threads", "1"], logs) for _ in range(2)]
-        started += targets
-        drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], logs)
-        started.append(drafter)
-        orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address], logs)
-        started.append(orch)
-        yield orch.address
-    finally:
-        for s in reversed(started):
-            s.stop()
+    with start_cluster(target_dir, drafter_dir, tmp_path_factory.mktemp("ctx-logs")) as c:
+        yield c.orchestrator.address
 
 
 def _prompt(n: int, seed: int, vocab: int) -> list[int]:

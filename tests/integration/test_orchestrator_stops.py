@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dsi.client import Client
-from tests.integration.procs import Service, greedy_reference, start_service
+from tests.integration.procs import greedy_reference, start_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -44,21 +44,9 @@ def cluster(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
     # EOS: the first token that the greedy continuation reaches for the first time at index >= 4.
     k = next(i for i in range(4, N - 4) if reference[i] not in reference[:i])
     eos_target = _with_eos(target_dir, tmp_path_factory.mktemp("eos-target") / "target", reference[k])
-    logs = tmp_path_factory.mktemp("stops-logs")
-    started: list[Service] = []
-    try:
-        targets = [start_service("target", ["--model", str(eos_target), "--threads", "1"], logs) for _ in range(2)]
-        started += targets
-        drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], logs)
-        started.append(drafter)
-        orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address], logs)
-        started.append(orch)
-        yield {"address": orch.address, "reference": reference, "eos_index": k, "tokenizer": tok,
+    with start_cluster(eos_target, drafter_dir, tmp_path_factory.mktemp("stops-logs")) as c:
+        yield {"address": c.orchestrator.address, "reference": reference, "eos_index": k, "tokenizer": tok,
                "target_dir": target_dir}
-    finally:
-        for s in reversed(started):
-            s.stop()
 
 
 def test_generation_ends_at_eos_unless_ignore_eos(cluster) -> None:

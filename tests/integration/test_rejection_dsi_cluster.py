@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsi.client import Client
 from dsi.services.model.sampling import Sampling, target_distribution
-from tests.integration.procs import Service, start_service
+from tests.integration.procs import start_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,21 +32,9 @@ def orchestrator(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPath
     """Two targets slowed to 15 ms a forward (the drafter, unslowed, runs ahead: windows carry
     drafts), a drafter, an orchestrator."""
     target_dir, drafter_dir = tiny_pair
-    logs = tmp_path_factory.mktemp("rejection-logs")
-    started: list[Service] = []
-    try:
-        targets = [start_service("target", ["--model", str(target_dir), "--threads", "1",
-                                            "--emulate-latency-ms", "15:15"], logs) for _ in range(2)]
-        started += targets
-        drafter = start_service("drafter", ["--model", str(drafter_dir), "--threads", "1"], logs)
-        started.append(drafter)
-        orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address], logs)
-        started.append(orch)
-        yield orch.address
-    finally:
-        for s in reversed(started):
-            s.stop()
+    with start_cluster(target_dir, drafter_dir, tmp_path_factory.mktemp("rejection-logs"),
+                       target_args=["--emulate-latency-ms", "15:15"]) as c:
+        yield c.orchestrator.address
 
 
 def test_dsi_rejection_sampling_keeps_every_token_in_the_targets_distribution(orchestrator, tiny_pair) -> None:
