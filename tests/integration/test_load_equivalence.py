@@ -34,7 +34,12 @@ def test_dsi_equals_si_and_nonsi_under_load(tiny_pair: tuple[Path, Path], log_di
                                             "--emulate-latency-ms", "3:3", "--oracle-acceptance", "0.8"], log_dir)
         started.append(drafter)
         orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
-                                              "--drafter", drafter.address, "--lookahead", "3"], log_dir)
+                                              "--drafter", drafter.address, "--lookahead", "3",
+                                              # Speculation may take every idle target (no instance
+                                              # kept back for other requests), so that critical windows
+                                              # do have to preempt it (with the default headroom of one
+                                              # the run below sometimes needed none).
+                                              "--speculation-headroom", "0"], log_dir)
         started.append(orch)
 
         async def run(mode: str, seeded: bool) -> list[tuple[list[int], dict]]:
