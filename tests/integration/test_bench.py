@@ -105,12 +105,10 @@ def test_bench_quick_writes_complete_json(tmp_path: Path) -> None:
         assert p["speedup_dsi_over_si"] > 0
         # The table shows this cell's numbers.
         m = cell["modes"]
-        row = f"{m['nonsi']['ms_per_token']:.1f}±{m['nonsi']['noise_ms']:.1f}"
-        row_line = next(line for line in proc.stdout.splitlines() if row in line)
-        for mode in MODES:
-            assert f"{m[mode]['ms_per_token']:.1f}±{m[mode]['noise_ms']:.1f}" in row_line
-        assert f"{cell['speedup_dsi_over_si']:.2f}" in row_line
-        assert f"{cell['ratio_speedup_dsi_over_si']:.2f}" in row_line
+        # (Two cells may share one mode's figures: the row is the one that shows all of them.)
+        wanted = [f"{m[mode]['ms_per_token']:.1f}±{m[mode]['noise_ms']:.1f}" for mode in MODES]
+        wanted += [f"{cell['speedup_dsi_over_si']:.2f}", f"{cell['ratio_speedup_dsi_over_si']:.2f}"]
+        assert any(all(w in line for w in wanted) for line in proc.stdout.splitlines()), wanted
     overhead = result["overhead"]
     assert overhead["ms_per_window_by_cell"] == [c["overhead_ms_per_window"] for c in cells]
     assert overhead["ms_per_window_median"] == pytest.approx(statistics.median(overhead["ms_per_window_by_cell"]))
