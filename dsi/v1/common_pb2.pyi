@@ -61,7 +61,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., instance_id: _Optional[str] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class ServiceCounters(_message.Message):
-    __slots__ = ("calls", "cancelled", "cancelled_mid_forward", "cancelled_queued", "forwards_completed", "layers_run", "cache_hit_tokens", "computed_tokens", "sessions", "sessions_dropped", "cancelled_compute_s", "preempted", "cache_fill_tokens")
+    __slots__ = ("calls", "cancelled", "cancelled_mid_forward", "cancelled_queued", "forwards_completed", "layers_run", "cache_hit_tokens", "computed_tokens", "sessions", "sessions_dropped", "cancelled_compute_s", "preempted", "cache_fill_tokens", "background_held_s", "urgent_load")
     CALLS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_MID_FORWARD_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class ServiceCounters(_message.Message):
     CANCELLED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     CACHE_FILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_HELD_S_FIELD_NUMBER: _ClassVar[int]
+    URGENT_LOAD_FIELD_NUMBER: _ClassVar[int]
     calls: int
     cancelled: int
     cancelled_mid_forward: int
@@ -88,4 +90,6 @@ class ServiceCounters(_message.Message):
     cancelled_compute_s: float
     preempted: int
     cache_fill_tokens: int
-    def __init__(self, calls: _Optional[int] = ..., cancelled: _Optional[int] = ..., cancelled_mid_forward: _Optional[int] = ..., cancelled_queued: _Optional[int] = ..., forwards_completed: _Optional[int] = ..., layers_run: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., sessions_dropped: _Optional[int] = ..., cancelled_compute_s: _Optional[float] = ..., preempted: _Optional[int] = ..., cache_fill_tokens: _Optional[int] = ...) -> None: ...
+    background_held_s: float
+    urgent_load: float
+    def __init__(self, calls: _Optional[int] = ..., cancelled: _Optional[int] = ..., cancelled_mid_forward: _Optional[int] = ..., cancelled_queued: _Optional[int] = ..., forwards_completed: _Optional[int] = ..., layers_run: _Optional[int] = ..., cache_hit_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., sessions: _Optional[int] = ..., sessions_dropped: _Optional[int] = ..., cancelled_compute_s: _Optional[float] = ..., preempted: _Optional[int] = ..., cache_fill_tokens: _Optional[int] = ..., background_held_s: _Optional[float] = ..., urgent_load: _Optional[float] = ...) -> None: ...

@@ -102,6 +102,7 @@ class DraftFlow:
             self._urgent_until = max(0, until)
             if self._job is not None:
                 self._job.priority = self._priority()
+        self._engine.runner.reprioritized()
 
     def _priority(self) -> Priority:
         # The next draft makes the sequence len(seq) + 1 tokens long.

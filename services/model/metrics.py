@@ -48,6 +48,15 @@ class RunnerCollector:
         sessions = GaugeMetricFamily("dsi_model_sessions", "Sessions with a cached KV state", labels=["role"])
         sessions.add_metric([self.role], float(len(self.runner.sessions)))
         yield sessions
+        held = CounterMetricFamily("dsi_model_background_held_seconds",
+                                   "Seconds the worker stayed idle holding background work back under load",
+                                   labels=["role"])
+        held.add_metric([self.role], float(self.runner.background_held_s))
+        yield held
+        load = GaugeMetricFamily("dsi_model_urgent_load", "Share of the recent time spent on urgent work",
+                                 labels=["role"])
+        load.add_metric([self.role], float(self.runner.urgent_load))
+        yield load
         tokens = GaugeMetricFamily("dsi_model_cached_tokens", "Tokens held by all session caches", labels=["role"])
         tokens.add_metric([self.role], float(self.runner.sessions.total_tokens))
         yield tokens

@@ -32,7 +32,7 @@ from dsi.services.model.emulation import Emulation
 from dsi.services.model.kv_cache import crop_kv_cache, new_kv_cache
 from dsi.services.model.loading import LoadedModel
 from dsi.services.model.session_cache import CachedSession, SessionCache, common_prefix_len
-from dsi.services.model.worker import URGENT, Priority, PriorityWorker
+from dsi.services.model.worker import CANCELLED, URGENT, Priority, PriorityWorker
 from dsi.services.runtime.model_errors import DeviceOutOfMemory, ModelError, PrefixNotHeld
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,10 @@ class ModelRunner:
         ttl_s: float = 600.0,
         emulation: Emulation | None = None,
         max_sequence_tokens: int = 0,
+        background_limit: float = 1.0,
     ) -> None:
+        """``background_limit``: background jobs (speculative drafts) start only while the share of
+        recent time spent on urgent jobs is below it (``PriorityWorker``; 1.0: whenever none waits)."""
         self.loaded = loaded
         # The longest sequence a call may carry: the service's limit, or the model's positions if fewer.
         limits = [n for n in (max_sequence_tokens, loaded.max_positions) if n > 0]
@@ -165,7 +168,7 @@ class ModelRunner:
         self.sessions = SessionCache(
             new_kv=lambda: new_kv_cache(loaded.model.config), token_budget=token_budget, ttl_s=ttl_s
         )
-        self._executor = PriorityWorker("model-worker")
+        self._executor = PriorityWorker("model-worker", background_limit)
         self._job: Job | None = None
         params = inspect.signature(loaded.model.forward).parameters
         # Architectures without logits_to_keep compute logits for every new token instead.
@@ -221,7 +224,28 @@ class ModelRunner:
             job.preempted = True
             job.cancel.set()
 
-        self._executor.submit(work, priority=lambda: job.priority, preempt=preempt).add_done_callback(on_done)
+        def priority() -> Priority:
+            # A job cancelled while queued (its flow closed) ends at once: it leaves the queue first.
+            # Left at its BACKGROUND rank, such jobs would pile up behind urgent work (every pick
+            # scans the queue), e.g. the queued speculative step of every DSI epoch a rejection ended.
+            return (CANCELLED, 0) if job.cancel.is_set() and not job.started else job.priority
+
+        self._executor.submit(work, priority=priority, preempt=preempt).add_done_callback(on_done)
+
+    def reprioritized(self) -> None:
+        """A queued job's ``priority`` changed: the worker picks again (a held background job may now
+        be urgent)."""
+        self._executor.reprioritized()
+
+    @property
+    def background_held_s(self) -> float:
+        """Seconds the worker stayed idle holding background jobs back under load."""
+        return self._executor.background_held_s
+
+    @property
+    def urgent_load(self) -> float:
+        """The share of recent time the worker spent on urgent jobs (``UrgentLoad``)."""
+        return self._executor.load.level(time.perf_counter())
 
     async def release(self, session_id: str) -> bool:
         return await asyncio.wrap_future(self._executor.submit(self.sessions.drop, session_id))

@@ -53,6 +53,8 @@ def counters_pb(runner: ModelRunner) -> common_pb2.ServiceCounters:
         cancelled_compute_s=c.cancelled_compute_s,
         preempted=c.preempted,
         cache_fill_tokens=c.cache_fill_tokens,
+        background_held_s=runner.background_held_s,
+        urgent_load=runner.urgent_load,
     )
 
 
@@ -87,7 +89,8 @@ async def serve_model_service(
         await server.server.stop(None)
         raise
     runner = ModelRunner(
-        loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation, settings.max_sequence_tokens
+        loaded, settings.cache_tokens, settings.session_ttl_s, settings.emulation, settings.max_sequence_tokens,
+        settings.background_max_load,
     )
     # Warm up (first forward allocates and compiles kernels) before reporting SERVING.
     await runner.run(lambda job: runner.forward(job, "__warmup__", [0, 0], 1))

@@ -24,6 +24,7 @@ class ModelServerSettings:
     session_ttl_s: float
     max_sequence_tokens: int
     max_drafts: int
+    background_max_load: float
     emulation: Emulation
     oracle_acceptance: float
     log_level: str
@@ -69,6 +70,11 @@ def add_model_server_arguments(parser: argparse.ArgumentParser, role: str) -> No
     if role == "drafter":
         add_flag(parser, "--max-drafts", env=f"{env}_MAX_DRAFTS", type=int, default=1024,
                  help="most drafts one Draft call may ask for")
+        add_flag(parser, "--background-max-load", env=f"{env}_BACKGROUND_MAX_LOAD", type=float, default=0.6,
+                 help="make speculative drafts (past the next window, made while no urgent draft waits) only "
+                      "while urgent drafts kept the drafter busy less than this share of the recent time (a "
+                      "0.25 s moving average); under heavier load they cost more than they save. 1 = whenever "
+                      "it is idle, 0 = never")
         add_flag(parser, "--oracle-acceptance", env=f"{env}_ORACLE_ACCEPTANCE", type=float, default=0.0,
                  help="BENCHMARK ONLY: serve the target model and propose its greedy token with this "
                       "probability (its second choice otherwise); 0 = off")
@@ -84,6 +90,8 @@ def model_server_settings(ns: argparse.Namespace, role: str) -> ModelServerSetti
             emulation.token_s,
         )
     oracle = float(getattr(ns, "oracle_acceptance", 0.0) or 0.0)
+    if not 0.0 <= float(getattr(ns, "background_max_load", 1.0)) <= 1.0:
+        raise SystemExit(f"--background-max-load must be in [0, 1], got {ns.background_max_load}")
     if not 0.0 <= oracle <= 1.0:
         raise SystemExit(f"--oracle-acceptance must be in [0, 1], got {oracle}")
     return ModelServerSettings(
@@ -98,6 +106,7 @@ def model_server_settings(ns: argparse.Namespace, role: str) -> ModelServerSetti
         session_ttl_s=ns.session_ttl_s,
         max_sequence_tokens=ns.max_sequence_tokens,
         max_drafts=getattr(ns, "max_drafts", 1024),
+        background_max_load=float(getattr(ns, "background_max_load", 1.0)),
         emulation=emulation,
         oracle_acceptance=oracle,
         log_level=ns.log_level,

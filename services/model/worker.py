@@ -6,12 +6,24 @@ A job's priority is read each time the worker picks the next job, so a queued jo
 urgent (a speculative draft the caller now needs) moves ahead at once. A running BACKGROUND job
 given a ``preempt`` callback is preempted (the callback stops it) as soon as an URGENT job is
 queued, so background work never delays urgent work by more than the stop. The queue holds at most
-one job per caller (the services chain their jobs), so picking by a scan is cheap."""
+one live job per caller (the services chain their jobs), so picking by a scan is cheap; a job
+cancelled while queued reports priority CANCELLED and leaves first, so that dead jobs never pile up
+behind urgent work.
+
+Background work may also be held back under load (``background_limit`` < 1): the worker keeps the
+share of recent time it spent running urgent jobs (``UrgentLoad``, an exponential moving average
+over time) and starts a background job only while that share is below the limit. A background job
+only runs when no urgent one waits, but on a worker that urgent jobs keep nearly busy the gaps are
+short: the background job is mostly preempted, or done and thrown away, and its compute and messages
+still cost the machine. Held jobs wait (their priority may turn urgent meanwhile) until the share
+has decayed below the limit."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -19,14 +31,48 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# A job that was cancelled while queued: it only has to be taken off the queue (it ends at once), so
+# it goes first, even before urgent work, and is never held back.
+CANCELLED = -1
 URGENT = 0
 BACKGROUND = 1
-# (URGENT or BACKGROUND, then an order among callers: lower first).
+# (CANCELLED, URGENT or BACKGROUND, then an order among callers: lower first).
 Priority = tuple[int, int]
 
 
 def _urgent() -> Priority:
     return (URGENT, 0)
+
+
+class UrgentLoad:
+    """The share of recent time spent running urgent jobs: an exponential moving average over time,
+    with time constant ``tau_s``, of 1 while an urgent job runs and 0 otherwise."""
+
+    def __init__(self, tau_s: float = 0.25, now: float | None = None) -> None:
+        self.tau_s = tau_s
+        self._level = 0.0
+        self._since = time.perf_counter() if now is None else now
+        self._urgent = False
+
+    def level(self, now: float) -> float:
+        target = 1.0 if self._urgent else 0.0
+        decay = math.exp(-max(0.0, now - self._since) / self.tau_s)
+        return target + (self._level - target) * decay
+
+    def set(self, urgent: bool, now: float) -> None:
+        """From ``now`` on, an urgent job runs (True) or not."""
+        self._level = self.level(now)
+        self._since = now
+        self._urgent = urgent
+
+    def seconds_until_below(self, limit: float, now: float) -> float:
+        """How long until the share falls below ``limit`` if no urgent job starts (0: it is below)."""
+        level = self.level(now)
+        if level < limit:
+            return 0.0
+        if self._urgent or limit <= 0:
+            return self.tau_s
+        return self.tau_s * math.log(level / limit) + 1e-4
 
 
 @dataclass
@@ -39,7 +85,12 @@ class _Entry:
 
 
 class PriorityWorker:
-    def __init__(self, name: str = "model-worker") -> None:
+    def __init__(self, name: str = "model-worker", background_limit: float = 1.0, load_tau_s: float = 0.25) -> None:
+        """``background_limit``: start background jobs only while the urgent share of recent time
+        (``UrgentLoad`` with ``load_tau_s``) is below it (1.0: always, 0.0: never)."""
+        self.background_limit = background_limit
+        self.load = UrgentLoad(load_tau_s)
+        self.background_held_s = 0.0  # seconds the worker stayed idle holding background jobs back
         self._entries: list[_Entry] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
@@ -76,6 +127,11 @@ class PriorityWorker:
                 stop()
         return future
 
+    def reprioritized(self) -> None:
+        """A queued job's priority changed (e.g. a held background job is urgent now): pick again."""
+        with self._cond:
+            self._cond.notify()
+
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """No more jobs; queued ones are cancelled (``cancel_futures``) or run first; the thread ends."""
         with self._cond:
@@ -91,14 +147,30 @@ class PriorityWorker:
 
     def _next(self) -> _Entry | None:
         with self._cond:
-            while not self._entries and not self._closed:
-                self._cond.wait()
-            if not self._entries:
-                return None
-            entry = min(self._entries, key=lambda e: (e.priority(), e.order))
+            while True:
+                if not self._entries:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                entry = min(self._entries, key=lambda e: (e.priority(), e.order))
+                urgent = entry.priority()[0] <= URGENT
+                now = time.perf_counter()
+                hold = 0.0 if urgent or self._closed else self._hold_s(now)
+                if hold <= 0:
+                    break
+                self._cond.wait(hold)  # until a new job, a changed priority or the load has decayed
+                self.background_held_s += time.perf_counter() - now
             self._entries.remove(entry)
             self._running = entry
+            self.load.set(urgent, now)
             return entry
+
+    def _hold_s(self, now: float) -> float:
+        """How long to hold background work back (0: start it now)."""
+        if self.background_limit >= 1.0:
+            return 0.0
+        return self.load.seconds_until_below(self.background_limit, now)
 
     def _loop(self) -> None:
         while (entry := self._next()) is not None:
@@ -117,3 +189,4 @@ class PriorityWorker:
         with self._cond:
             if self._running is entry:
                 self._running = None
+                self.load.set(False, time.perf_counter())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,9 +70,10 @@ async def _serve(
         await server.stop(None)
 
 
-def _engine(drafter_dir: Path, decode_ms: float = 0.0) -> DrafterEngine:
+def _engine(drafter_dir: Path, decode_ms: float = 0.0, background_limit: float = 1.0) -> DrafterEngine:
     loaded = load_causal_lm(str(drafter_dir), "cpu", "float32", 1)
-    return DrafterEngine(ModelRunner(loaded, emulation=Emulation(0.0, decode_ms / 1000)))
+    return DrafterEngine(ModelRunner(loaded, emulation=Emulation(0.0, decode_ms / 1000),
+                                     background_limit=background_limit))
 
 
 def test_epoch_longer_than_the_deadline_keeps_the_drafter(tiny_pair: tuple[Path, Path]) -> None:
@@ -233,6 +236,89 @@ def test_urgent_drafts_of_every_stream_go_before_background_ones(tiny_pair: tupl
         asyncio.run(scenario())
     finally:
         engine.runner.close()
+
+
+@pytest.mark.parametrize("limit", [0.5, 1.0])
+def test_background_drafts_wait_while_urgent_drafts_kept_the_drafter_busy(
+    tiny_pair: tuple[Path, Path], limit: float
+) -> None:
+    """Under load the drafter holds speculation back (``--background-max-load``): with urgent drafts
+    keeping it busy it stays idle rather than start a background draft until the urgent share of the
+    recent time has fallen below the limit, and Info reports the time held (none without a limit,
+    1.0); the drafts are the same either way."""
+    engine = _engine(tiny_pair[1], decode_ms=20, background_limit=limit)
+
+    async def scenario() -> None:
+        reference = [t.token_id async for t in engine.draft("ref", PROMPT, 4, Sampling(), False)]
+        async with _serve(engine) as (stub, _):
+            def client(order: int) -> GrpcDrafterClient:
+                return GrpcDrafterClient(stub, common_pb2.SamplingParams(), f"r{order}", 30.0, order=order)
+
+            urgent = client(0).open("urgent", PROMPT, 30, False)
+            urgent_drafts = urgent.__aiter__()
+            got = [(await anext(urgent_drafts)).token_id]  # the drafter is busy with the urgent stream
+            background = client(1).open("bg", PROMPT, 4, False)
+            background.set_urgent(len(PROMPT))  # none of its drafts is urgent
+            got += [t.token_id async for t in urgent_drafts]  # 30 x 20 ms of urgent drafts: load ~0.9
+            bg_drafts = background.__aiter__()
+            bg = [(await asyncio.wait_for(anext(bg_drafts), 10)).token_id for _ in range(4)]
+            info = await stub.Info(drafter_pb2.DrafterInfoRequest())
+            if limit < 1.0:
+                # About 0.25 s x ln(0.9 / 0.5) = 0.15 s (a free drafter would start it at once).
+                assert info.counters.background_held_s >= 0.05, info.counters
+            else:
+                assert info.counters.background_held_s == 0.0, info.counters
+            assert got[:4] == reference and bg == reference
+            background.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.runner.close()
+
+
+def test_cancelled_background_steps_do_not_pile_up_behind_urgent_work(tiny_pair: tuple[Path, Path]) -> None:
+    """A closed flow's queued background step (every DSI epoch that a rejection ends leaves one)
+    leaves the worker's queue at once, even while urgent steps keep the model busy: left at its
+    background rank it would wait for the urgent work to stop, and every pick scans the queue."""
+    from concurrent.futures import Future
+
+    from dsi.services.model.runner import ForwardCancelled, Job
+
+    engine = _engine(tiny_pair[1], decode_ms=5)
+    runner = engine.runner
+    urgent_done: list[int] = []
+    dead_seen_after: list[int] = []
+    chain_over = threading.Event()
+
+    def forward(job: Job) -> None:
+        runner.forward(job, "urgent", PROMPT, len(PROMPT) - 1)
+
+    def next_urgent(fut: Future[None]) -> None:
+        urgent_done.append(1)
+        if len(urgent_done) < 40:
+            runner.submit(Job(), forward, next_urgent)
+        else:
+            chain_over.set()
+
+    def dead_done(fut: Future[None]) -> None:
+        assert isinstance(fut.exception(), ForwardCancelled)
+        dead_seen_after.append(len(urgent_done))
+
+    try:
+        runner.submit(Job(), forward, next_urgent)
+        dead = [Job(priority=(BACKGROUND, i)) for i in range(10)]
+        for job in dead:
+            runner.submit(job, forward, dead_done)
+        time.sleep(0.02)
+        for job in dead:
+            job.cancel.set()
+        assert chain_over.wait(10)
+        assert len(dead_seen_after) == 10
+        assert max(dead_seen_after) <= 5, dead_seen_after  # gone within a few urgent steps, not at the end
+        assert runner.counters.cancelled_queued == 10
+    finally:
+        runner.close()
 
 
 def test_background_drafts_may_wait_without_the_stream_being_abandoned(tiny_pair: tuple[Path, Path]) -> None:
