@@ -164,11 +164,13 @@ class _Pool:
         self.waiters: list[tuple[tuple[int, int], _Window]] = []
         self.order = itertools.count()
 
-    def spare(self, req: _Request) -> int:
-        quiet = not self.free or (
-            all(r.window.req is req for r in self.running) and all(w.req is req for _, w in self.waiters)
-        )
-        return policy.spare_targets(self.free, len(self.waiters), quiet, None, self.headroom)
+    def load(self, req: _Request) -> policy.Load:
+        """As ``Placement.load``: spare instances for the request, and the other requests with
+        windows running or waiting."""
+        others = {id(r.window.req) for r in self.running} | {id(w.req) for _, w in self.waiters}
+        others.discard(id(req))
+        quiet = not self.free or not others
+        return policy.Load(policy.spare_targets(self.free, len(self.waiters), quiet, None, self.headroom), len(others))
 
     def acquire(self, window: _Window) -> None:
         if self.free and not self.waiters:
@@ -461,7 +463,7 @@ class _Request:
         )
 
     def _dispatch_ready(self, sp: int) -> None:
-        load = policy.Load(spare_targets=self.pool.spare(self))
+        load = self.pool.load(self)
         for start, end in policy.windows_to_dispatch(self._state(), self.cfg.lookahead, sp, load):
             self._dispatch(start, end, policy.window_rank(len(self.windows), self.applied))
         self.urgent_until = policy.urgent_until(self._state(), self.cfg.lookahead)

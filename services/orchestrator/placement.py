@@ -136,6 +136,13 @@ class Placement:
                 usable = sum(1 for i in free if i in warm)
         return policy.spare_targets(len(free), self._live_waiters, quiet, usable, self.headroom)
 
+    def load(self, session_id: str) -> policy.Load:
+        """The pool as the session's dispatch rules see it (``policy.Load``)."""
+        others = {i.running.window.session_id for i in self.targets.all() if i.running is not None}
+        others |= {w.request.session_id for w in self._waiters if not w.future.done()}
+        others.discard(session_id)
+        return policy.Load(self.spare(session_id), len(others))
+
     def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
         """A call for the window failed or was cancelled on the instance: its cache now holds at most
         what both the record and the window start with, up to the first position scored (a cancelled

@@ -18,8 +18,9 @@ Speculation spends only capacity nobody else needs (docs/architecture.md, "A req
 - The request's *critical* window (rank 0: it computes the first undecided position, from which
   it starts) goes out as soon as it carries ``lookahead`` drafts, or every draft it will ever get.
   A shorter critical window, or a zero-draft window (the non-SI step: at the start of an epoch, or
-  whenever no draft is there yet for the first undecided position), goes out only while a target
-  instance would otherwise idle: under load each forward must carry a full window.
+  whenever no draft is there yet for the first undecided position), goes out only while target
+  instances would otherwise idle: more spare ones than other requests have windows on the targets
+  (each of those may want one next), so under load each forward carries a full window.
 - A *speculative* window (rank >= 1) goes out only full and only onto an idle instance nobody is
   waiting for, except the full window right after a short critical one (window 0, say), which the
   request needs next almost surely and which must not wait for the short one. The pool preempts a
@@ -56,9 +57,11 @@ class EpochState:
 
 @dataclass(frozen=True)
 class Load:
-    """The shared targets, seen from one request: instances idle that nobody is waiting for."""
+    """The shared targets, seen from one request: instances idle that nobody is waiting for, and how
+    many other requests have windows computing or waiting on them."""
 
     spare_targets: int
+    others: int = 0
 
 
 
@@ -80,7 +83,7 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
         complete = available >= lookahead or (available > 0 and last)
         if critical_idle and not out:
             fresh = start == state.decided  # a window from the first undecided position
-            if not (complete or ((spare > 0 or last) and (available > 0 or fresh))):
+            if not (complete or ((spare > load.others or last) and (available > 0 or fresh))):
                 return out
         elif not (complete and (spare > 0 or follows_short)):
             return out

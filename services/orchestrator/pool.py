@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
 from dsi.services.orchestrator.placement import COLD_TOKENS, Preempted, Running, held_prefix
 from dsi.services.orchestrator.placement import Placement as Placement
@@ -121,6 +122,9 @@ class TargetPool:
 
     def spare(self, session_id: str | None = None) -> int:
         return self.placement.spare(session_id)
+
+    def load(self, session_id: str) -> policy.Load:
+        return self.placement.load(session_id)
 
     def reprioritize(self, request: WindowRequest, rank: int) -> None:
         self.placement.reprioritize(request, rank)
@@ -292,8 +296,8 @@ class PoolTargetClient:
     def sp_limit(self) -> int:
         return self.pool.sp_limit()
 
-    def spare(self) -> int:
-        return self.pool.spare(self.request_id)
+    def load(self) -> policy.Load:
+        return self.pool.load(self.request_id)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.pool.reprioritize(window, rank)

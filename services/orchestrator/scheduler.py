@@ -101,8 +101,9 @@ class TargetClient(Protocol):
         """How many windows may run at once (healthy target instances)."""
         ...
 
-    def spare(self) -> int:
-        """Target instances idle now that no waiting window will take (capacity nobody needs)."""
+    def load(self) -> policy.Load:
+        """Target instances idle now that no waiting window will take (capacity nobody needs), and
+        the other requests with windows on the targets."""
         ...
 
     async def verify(self, window: WindowRequest) -> WindowResult:
@@ -540,7 +541,7 @@ class Scheduler:
         )
 
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
-        load = policy.Load(spare_targets=self.target.spare())
+        load = self.target.load()
         for start, end in policy.windows_to_dispatch(self._state(ep), self.cfg.lookahead, sp, load):
             self._dispatch(ep, start, end)
         self._mark_urgent(ep)

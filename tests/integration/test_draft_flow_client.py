@@ -21,6 +21,7 @@ from dsi.services.model.loading import load_causal_lm
 from dsi.services.model.runner import ModelRunner
 from dsi.services.model.sampling import Sampling
 from dsi.services.model.worker import BACKGROUND
+from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.drafter_client import GrpcDrafterClient
 from dsi.services.orchestrator.scheduler import Scheduler, SchedulerConfig, WindowRequest, WindowResult
 from dsi.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
@@ -41,8 +42,8 @@ class AcceptAllTarget:
     def sp_limit(self) -> int:
         return 2
 
-    def spare(self) -> int:
-        return self._spare
+    def load(self) -> policy.Load:
+        return policy.Load(self._spare)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         pass

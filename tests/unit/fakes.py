@@ -8,6 +8,7 @@ import selectors
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.placement import Placement, Running
 from dsi.services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
 from dsi.services.orchestrator.targets import TargetInstance
@@ -79,6 +80,9 @@ class FakeTarget:
 
     def spare(self) -> int:
         return max(0, self.instances - self._busy - self._waiting)
+
+    def load(self) -> policy.Load:
+        return policy.Load(self.spare())  # one request: nobody else uses the targets
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.promotions.append((window, rank))
@@ -178,8 +182,8 @@ class RequestTarget:
     def sp_limit(self) -> int:
         return self.shared.targets.healthy_count()
 
-    def spare(self) -> int:
-        return self.shared.placement.spare(self.session_id)
+    def load(self) -> policy.Load:
+        return self.shared.placement.load(self.session_id)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         if self.shared.rerank:

@@ -78,8 +78,13 @@ def _longest_gap(commits: list[float]) -> float:
 
 SCENARIOS = [  # (requests, seconds between arrivals, acceptance)
     pytest.param(16, 2.0, 0.5, id="16-requests-every-2s"),
+    pytest.param(24, 1.0, 0.8, id="24-requests-every-1s"),
     pytest.param(32, 0.5, 0.8, id="32-requests-every-0.5s"),
 ]
+# Where queued speculative windows become critical often enough for the control to starve. Under
+# load a request speculates only on spare instances (``policy.windows_to_dispatch``), so most loads
+# never queue speculation; this one does (preempted speculation goes back to the queue).
+CONTROL = [pytest.param(24, 1.0, 0.8, id="24-requests-every-1s")]
 
 
 @pytest.mark.parametrize(("requests", "every_s", "acceptance"), SCENARIOS)
@@ -99,7 +104,7 @@ def test_no_request_goes_long_without_a_token(requests: int, every_s: float, acc
                 assert younger[-1] >= older[0], f"request {j} finished before request {i} got a token"
 
 
-@pytest.mark.parametrize(("requests", "every_s", "acceptance"), SCENARIOS)
+@pytest.mark.parametrize(("requests", "every_s", "acceptance"), CONTROL)
 def test_without_reranking_queued_windows_a_request_starves(requests: int, every_s: float, acceptance: float) -> None:
     """The control: the same load with queued windows keeping the rank they were queued with. The
     gap measured above then exceeds the bound many times over, so the bound tells the two apart."""

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
 from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult
 from dsi.services.orchestrator.service import Chunk, Orchestrator
@@ -67,6 +68,9 @@ class FakePool:
 
     def spare(self, session_id: str | None = None) -> int:
         return self.target.spare()
+
+    def load(self, session_id: str) -> policy.Load:
+        return self.target.load()
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.target.reprioritize(window, rank)

@@ -46,6 +46,20 @@ def test_short_critical_windows_only_onto_idle_targets() -> None:
     assert windows_to_dispatch(idle_critical, L, SP, BUSY) == []
 
 
+def test_short_critical_windows_leave_an_idle_target_for_every_other_request() -> None:
+    """Window 0 and short critical windows go out only while more targets are spare than other
+    requests have windows on the targets: each of those may want a target next, and a short window
+    (not preemptible: it is critical) would make it wait. A full window goes out regardless."""
+    idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
+    assert windows_to_dispatch(state(), L, SP, Load(spare_targets=3, others=2)) == [(0, 0)]
+    assert windows_to_dispatch(state(), L, SP, Load(spare_targets=2, others=2)) == []
+    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=2, others=1)) == [(5, 6)]
+    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=1, others=1)) == []
+    assert windows_to_dispatch(state(drafts=4), L, SP, Load(spare_targets=0, others=15)) == [(0, 4)]
+    # Without more drafts to wait for, the critical window goes with what there is, load or not.
+    assert windows_to_dispatch(state(drafts=2, more_drafts=False), L, SP, Load(0, others=15)) == [(0, 2)]
+
+
 def test_speculative_windows_take_only_spare_targets() -> None:
     # Window 0 computes (the critical one); 9 drafts are there.
     busy_critical = state(drafts=9, windows=1, in_flight=1)

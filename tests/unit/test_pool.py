@@ -574,6 +574,27 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
     asyncio.run(main())
 
 
+def test_the_load_a_request_sees_counts_the_other_requests_on_the_targets() -> None:
+    """``load``: spare instances and the other requests with windows running or waiting (each
+    counted once), which the dispatch rules weigh short windows against."""
+
+    async def main() -> None:
+        pool, tokens = _placement_pool()
+        assert pool.load("s").others == 0 and pool.load("s").spare_targets == 3
+        _occupy(pool, "A:1", "other")
+        _occupy(pool, "B:1", "other", rank=1)
+        _occupy(pool, "C:1", "third")
+        assert pool.load("s").others == 2 and pool.load("other").others == 1
+        waiting = asyncio.ensure_future(pool.placement.acquire(WindowRequest("fourth", [1, 2], 2, 0, 0)))
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and pool.load("s").others == 3 and pool.load("s").spare_targets == 0
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await pool.close()
+
+    asyncio.run(main())
+
+
 def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
     async def main() -> None:
         pool, tokens = _placement_pool()
