@@ -48,7 +48,7 @@ COUNTERS = (
     "cache_fill_tokens",
 )
 # The drafter's, likewise.
-DRAFTER_COUNTERS = ("forwards_completed", "preempted")
+DRAFTER_COUNTERS = ("forwards_completed", "preempted", "background_held_s")
 
 
 def _noop(_: str) -> None:
@@ -160,7 +160,7 @@ def run_summary(
     counters: dict[str, int],
     busy_s: float | None,
     targets: int,
-    drafter: dict[str, int] | None = None,
+    drafter: dict[str, float] | None = None,
     drafter_ms: float = 0.0,
 ) -> dict[str, Any]:
     """One run's figures from its requests, the targets' counter deltas, the busy-seconds delta and
@@ -201,6 +201,9 @@ def run_summary(
         "drafts_per_window": verified / applied if applied else 0.0,
         "acceptance_rate": total("drafts_accepted") / verified if verified else 0.0,
         "wasted_target_s": sum(float(st.get("wasted_target_s", 0.0)) for st in stats),
+        # Seconds a request's critical windows waited for a free target (GenerateStats), per request.
+        "critical_wait_s_per_request": sum(float(st.get("critical_queue_wait_s", 0.0)) for st in stats)
+        / max(1, len(ok)),
         "max_windows_in_flight": max((int(st.get("max_windows_in_flight", 0)) for st in stats), default=0),
         # The drafter (one process, one draft at a time): drafts it completed and background drafts it
         # stopped for urgent ones, per committed token, and the share of the run it spent on completed
@@ -209,6 +212,8 @@ def run_summary(
         "drafter_preempted_per_token": drafter["preempted"] / per_token if drafter else None,
         "drafter_busy_fraction": (drafter["forwards_completed"] * drafter_ms / 1000.0 / elapsed_s
                                   if drafter and elapsed_s > 0 and drafter_ms > 0 else None),
+        # Share of the run the drafter stayed idle holding speculative drafts back (--background-max-load).
+        "drafter_held_fraction": drafter["background_held_s"] / elapsed_s if drafter and elapsed_s > 0 else None,
         "latency_s": lat,
         "ttft_s": ttft,
         "start_s": [r.start_s for r in ok],
@@ -221,8 +226,8 @@ MEDIAN_KEYS = (
     "target_forwards_per_token", "target_aborted_forwards_per_token", "target_computed_tokens_per_token",
     "target_cache_hit_tokens_per_token", "target_fill_tokens_per_request", "windows_per_token",
     "windows_cancelled_per_request", "drafts_per_window",
-    "acceptance_rate", "wasted_target_s", "drafter_drafts_per_token", "drafter_preempted_per_token",
-    "drafter_busy_fraction",
+    "acceptance_rate", "wasted_target_s", "critical_wait_s_per_request", "drafter_drafts_per_token",
+    "drafter_preempted_per_token", "drafter_busy_fraction", "drafter_held_fraction",
 )
 
 
@@ -305,11 +310,11 @@ class _Drafter:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = drafter_pb2_grpc.DrafterServiceStub(self._channel)
 
-    async def counters(self) -> dict[str, int]:
+    async def counters(self) -> dict[str, float]:
         from dsi.v1 import drafter_pb2
 
         info = await self._stub.Info(drafter_pb2.DrafterInfoRequest(), timeout=10)
-        return {k: int(getattr(info.counters, k)) for k in DRAFTER_COUNTERS}
+        return {k: float(getattr(info.counters, k)) for k in DRAFTER_COUNTERS}
 
     async def close(self) -> None:
         await self._channel.close()
