@@ -170,6 +170,16 @@ class Placement:
     def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
         return window.first_position - 1 - held_prefix(inst, window) > self.cold_tokens
 
+    def _warm_soon(self, inst: TargetInstance, window: WindowRequest) -> bool:
+        """The instance computes a window of the same session now (its prompt's prefill, say), after
+        which it will hold enough of this window not to be cold for it."""
+        run = inst.running
+        if run is None or run.window.session_id != window.session_id:
+            return False
+        start = min(run.window.committed, window.committed)
+        will_hold = common_prefix_len(run.window.token_ids, window.token_ids, start)
+        return window.first_position - 1 - will_hold <= self.cold_tokens
+
     def _quiet(self, session_id: str) -> bool:
         """No other request has a window running or waiting: idle capacity is this one's to use."""
         return all(
@@ -180,12 +190,17 @@ class Placement:
         """A window starts a cold prefill only when no healthy instance could compute it warm, or no
         other request uses the pool: under load a critical window, too, waits for an instance that
         holds its session (behind the windows queued before it) rather than recompute the prompt
-        elsewhere. Judged per window (not by ``_warm``, which looks at the committed prefix only):
+        elsewhere, nor while an instance computes a window of its session that will leave it warm
+        (the prompt's prefill). Judged per window (not by ``_warm``, which looks at the committed prefix only):
         an instance that holds the session's committed prefix but not this window's drafts far
         enough is no better than a cold one, and must not keep the window waiting."""
         if not self._cold(inst, window) or self._quiet(window.session_id):
             return True
-        return not any(i.healthy and not self._cold(i, window) for i in self.targets.all())
+        # An instance computing the session's prefill now counts as warm: the windows that follow
+        # it wait for it rather than prefill the prompt again elsewhere.
+        return not any(
+            i.healthy and (not self._cold(i, window) or self._warm_soon(i, window)) for i in self.targets.all()
+        )
 
     def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
         """A warm instance for the window running a speculative window that may be preempted."""

@@ -595,6 +595,34 @@ def test_the_load_a_request_sees_counts_the_other_requests_on_the_targets() -> N
     asyncio.run(main())
 
 
+def test_under_load_the_window_after_a_prefill_waits_for_the_instance_computing_it() -> None:
+    """While instance A computes the prompt's prefill (window 0) of a new request, the full window
+    sent right after it finds no instance holding the session yet; under load it waits for A (warm
+    once the prefill ends) rather than prefill the prompt a second time on idle B."""
+    from dsi.services.orchestrator.placement import Running
+
+    async def main() -> None:
+        pool, _ = _placement_pool()
+        prompt = [t % 200 + 3 for t in range(600)]
+        loop = asyncio.get_running_loop()
+        a = pool.targets.get("A:1")
+        a.busy = True
+        prefill = WindowRequest("p", prompt, 600, 0, 1, committed=600)
+        a.running = Running(prefill, 0, 0.0, loop.create_future())
+        _occupy(pool, "C:1", "other")
+        spec = WindowRequest("p", prompt + [5, 6, 7, 8], 600, 1, 1, committed=600)
+        task = asyncio.ensure_future(pool.placement.acquire(spec))
+        await asyncio.sleep(0.01)
+        assert not task.done() and not pool.targets.get("B:1").busy  # B is idle, but would prefill
+        pool.placement.verified(a, prefill)
+        a.running = None
+        pool.placement.release(a)
+        assert (await task).address == "A:1"
+        await pool.close()
+
+    asyncio.run(main())
+
+
 def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
     async def main() -> None:
         pool, tokens = _placement_pool()
