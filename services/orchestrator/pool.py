@@ -231,7 +231,11 @@ class TargetPool:
                 continue
             finally:
                 inst.running = None
-                if not answered:
+                if answered:
+                    # Recorded before the instance is released: the windows waiting for an instance
+                    # warm for this session are handed it with it known to hold the session.
+                    self.placement.verified(inst, window)
+                else:
                     self.placement.unsure(inst, window, request.chunk_size > 0)
                 elapsed = time.perf_counter() - started
                 window.timing.held_s += elapsed
@@ -239,7 +243,6 @@ class TargetPool:
                 if self.metrics is not None:
                     self.metrics.target_busy.labels(inst.address).inc(elapsed)
                 self.placement.release(inst)
-            self.placement.verified(inst, window)
             if self.estimates is not None:
                 self.estimates.window(time.perf_counter() - started, to_compute)
             return WindowResult(list(response.token_ids), inst.address, response.compute_s, retries)

@@ -635,6 +635,33 @@ def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
     asyncio.run(main())
 
 
+def test_a_window_waiting_for_the_prefilling_instance_is_handed_it_once_it_holds_the_session() -> None:
+    """The window after a prefill waits for the instance computing it; when that call ends, the
+    instance is recorded as holding the session *before* it is released to the queue, so the waiting
+    window takes it rather than a cold idle one (which it would prefill a second time)."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"p": 0.05, "other": 10.0})
+        pool, _ = _placement_pool(stub)
+        prompt = [t % 200 + 3 for t in range(600)]
+        sampling = common_pb2.SamplingParams()
+        _occupy(pool, "C:1", "other")  # another request uses the pool
+        prefill = asyncio.ensure_future(pool.verify(WindowRequest("p", prompt, 600, 0, 1, committed=600),
+                                                    sampling, "p"))
+        await asyncio.sleep(0.01)
+        (prefilling,) = [i for i in pool.targets.all() if i.running is not None and i.running.window.session_id == "p"]
+        spec = WindowRequest("p", prompt + [5, 6, 7, 8], 600, 1, 1, committed=600)
+        nxt = asyncio.ensure_future(pool.verify(spec, sampling, "p"))
+        await prefill
+        result = await nxt
+        assert result.target == prefilling.address
+        assert [s for s, _ in stub.calls].count("p") == 2
+        await pool.close()
+
+    asyncio.run(main())
+
+
 def test_under_load_a_critical_window_takes_a_warm_instance_from_speculation() -> None:
     """Instead of prefilling 600 tokens on the idle cold instance, the critical window preempts the
     speculative window running on the warm one and gets that instance."""
