@@ -138,10 +138,7 @@ class Placement:
 
     def load(self, session_id: str) -> policy.Load:
         """The pool as the session's dispatch rules see it (``policy.Load``)."""
-        others = {i.running.window.session_id for i in self.targets.all() if i.running is not None}
-        others |= {w.request.session_id for w in self._waiters if not w.future.done()}
-        others.discard(session_id)
-        return policy.Load(self.spare(session_id), len(others))
+        return policy.Load(self.spare(session_id), len(self._others(session_id)))
 
     def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
         """A call for the window failed or was cancelled on the instance: its cache now holds at most
@@ -180,11 +177,16 @@ class Placement:
         will_hold = common_prefix_len(run.window.token_ids, window.token_ids, start)
         return window.first_position - 1 - will_hold <= self.cold_tokens
 
+    def _others(self, session_id: str) -> set[str]:
+        """The other sessions with a window running or waiting."""
+        others = {i.running.window.session_id for i in self.targets.all() if i.running is not None}
+        others |= {w.request.session_id for w in self._waiters if not w.future.done()}
+        others.discard(session_id)
+        return others
+
     def _quiet(self, session_id: str) -> bool:
         """No other request has a window running or waiting: idle capacity is this one's to use."""
-        return all(
-            i.running is None or i.running.window.session_id == session_id for i in self.targets.all()
-        ) and all(w.future.done() or w.request.session_id == session_id for w in self._waiters)
+        return not self._others(session_id)
 
     def _may_run(self, inst: TargetInstance, window: WindowRequest) -> bool:
         """A window starts a cold prefill only when no healthy instance could compute it warm, or no

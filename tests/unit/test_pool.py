@@ -542,6 +542,17 @@ def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int
     return pool, tokens
 
 
+async def _waits_for_a(pool: TargetPool, window: WindowRequest) -> None:
+    """The window does not prefill cold on idle B: it waits until A (warm for it) is released, and
+    gets A."""
+    task = asyncio.ensure_future(pool.placement.acquire(window))
+    await asyncio.sleep(0.01)
+    assert not task.done() and not pool.targets.get("B:1").busy
+    pool.targets.get("A:1").running = None
+    pool.placement.release(pool.targets.get("A:1"))
+    assert (await task).address == "A:1"
+
+
 def _occupy(pool: TargetPool, address: str, session: str, rank: int = 0) -> None:
     """Mark the instance as running a window of another session (as verify does)."""
     from dsi.services.orchestrator.placement import Running
@@ -562,13 +573,7 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
         _occupy(pool, "C:1", "other")
         pool.placement.headroom = 0
         assert pool.spare() == 1 and pool.spare("s") == 0  # B is idle, but cold for "s"
-        spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
-        task = asyncio.ensure_future(pool.placement.acquire(spec))
-        await asyncio.sleep(0.01)
-        assert not task.done() and not pool.targets.get("B:1").busy
-        pool.targets.get("A:1").running = None
-        pool.placement.release(pool.targets.get("A:1"))
-        assert (await task).address == "A:1"
+        await _waits_for_a(pool, WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600))
         await pool.close()
 
     asyncio.run(main())
@@ -723,13 +728,7 @@ def test_under_load_a_critical_window_waits_for_its_warm_instance_rather_than_pr
         pool, tokens = _placement_pool()
         _occupy(pool, "A:1", "other", rank=0)
         _occupy(pool, "C:1", "other", rank=0)
-        critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
-        task = asyncio.ensure_future(pool.placement.acquire(critical))
-        await asyncio.sleep(0.01)
-        assert not task.done() and not pool.targets.get("B:1").busy  # no cold prefill on B
-        pool.targets.get("A:1").running = None
-        pool.placement.release(pool.targets.get("A:1"))
-        assert (await task).address == "A:1"
+        await _waits_for_a(pool, WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600))
         await pool.close()
 
     asyncio.run(main())
