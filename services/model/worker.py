@@ -163,7 +163,7 @@ class PriorityWorker:
                 self.background_held_s += time.perf_counter() - now
             self._entries.remove(entry)
             self._running = entry
-            self.load.set(urgent, now)
+            self.load.set(entry.priority()[0] == URGENT, now)  # a cancelled job ends at once: no load
             return entry
 
     def _hold_s(self, now: float) -> float:
