@@ -31,7 +31,11 @@ def test_dsi_equals_si_and_nonsi_under_load(tiny_pair: tuple[Path, Path], log_di
         started += targets
         # The oracle drafter (the target model, its greedy token 80% of the time): real acceptance.
         drafter = start_service("drafter", ["--model", str(target_dir), "--threads", "1",
-                                            "--emulate-latency-ms", "3:3", "--oracle-acceptance", "0.8"], log_dir)
+                                            "--emulate-latency-ms", "3:3", "--oracle-acceptance", "0.8",
+                                            # Background drafts whenever the drafter is idle, however
+                                            # busy it was (the default holds them under load), so that
+                                            # urgent drafts do preempt them.
+                                            "--background-max-load", "1"], log_dir)
         started.append(drafter)
         orch = start_service("orchestrator", ["--targets", ",".join(t.address for t in targets),
                                               "--drafter", drafter.address, "--lookahead", "3",
