@@ -12,7 +12,15 @@ request's committed prefix hashes), so working that out costs the window's uncom
 window would first compute more than COLD_TOKENS tokens (a *cold* instance: a long prompt's
 prefill) it goes only onto capacity nobody else needs: no window starts a cold prefill while an
 instance is warm for its request (unless no other request uses the pool); under load a critical
-window takes a warm instance from speculation, or waits for one, rather than prefill cold."""
+window takes a warm instance from speculation, or waits for one, rather than prefill cold.
+
+Prefill budget: even alone on the pool, a request's windows start a cold prefill that is not needed
+(another healthy instance holds the session, or computes it now) only while the tokens of its cold
+prefills, this one included, stay within ``prefill_budget`` x its prompt's length (the first
+prefill, which plain decoding pays too, counts). At the default of 1.5 a long prompt is prefilled
+once (the rest of the budget covers catching an instance up later); a short prompt is never cold
+(at most COLD_TOKENS), so its speculation spreads over every idle instance as before; ``inf``
+prefills every idle instance, trading target time nobody else wants for speed."""
 
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len
 # up to the first scored position) is cold there: a prefill, placed only on capacity nobody needs.
 # Up to a few hundred tokens cost a GPU forward about what one token does (it is memory-bound).
 COLD_TOKENS = 256
+# Tokens of cold prefills a request may start, as a multiple of its prompt's length (the first, needed
+# prefill included): at most 1.5x plain decoding's prefill work.
+PREFILL_BUDGET = 1.5
 # Sessions whose holdings the placement remembers per instance (least recently used dropped).
 HELD_PER_INSTANCE = 1024
 
@@ -78,6 +89,7 @@ class Placement:
         cold_tokens: int = COLD_TOKENS,
         headroom: int = 1,
         metrics: OrchestratorMetrics | None = None,
+        prefill_budget: float = PREFILL_BUDGET,
     ) -> None:
         self.targets = targets
         # More tokens than this to catch up on an instance = a cold prefill there.
@@ -85,8 +97,13 @@ class Placement:
         # Idle instances speculation leaves to other requests' critical windows while they run.
         self.headroom = headroom
         self.metrics = metrics
+        # Cold prefill tokens a request may start, as a multiple of its prompt's length.
+        self.prefill_budget = prefill_budget
         # Session id -> hashes of its committed prefix so far (it only grows).
         self.committed: dict[str, PrefixHashes] = {}
+        # Session id -> its prompt's length, and the tokens of the cold prefills it started so far.
+        self._prompt: dict[str, int] = {}
+        self._prefilled: dict[str, int] = {}
         self._waiters: list[_Waiter] = []
         self._seq = itertools.count()
         self._live_waiters = 0  # waiters not yet served nor cancelled (the heap also holds dead ones)
@@ -99,6 +116,7 @@ class Placement:
     def track(self, window: WindowRequest) -> None:
         """A window starts being verified: its committed prefix is recorded, its rank followed."""
         hashes = self.committed.setdefault(window.session_id, PrefixHashes())
+        self._prompt.setdefault(window.session_id, window.committed)
         if len(hashes) < window.committed:
             hashes.append(window.token_ids[len(hashes) : window.committed])
         self._ranks[id(window)] = window.rank
@@ -119,26 +137,62 @@ class Placement:
     def forget(self, session_id: str) -> list[TargetInstance]:
         """Drop a finished session's records; the instances that held it."""
         self.committed.pop(session_id, None)
+        self._prompt.pop(session_id, None)
+        self._prefilled.pop(session_id, None)
         return [i for i in self.targets.all() if i.sessions.pop(session_id, None) is not None]
 
     def spare(self, session_id: str | None = None) -> int:
         """Healthy instances idle now that no waiting window will take. For a session's speculation,
-        while other requests use the pool: only those warm for it (when any instance is), and less
-        a headroom of ``headroom`` instances kept for the other requests' critical windows (one
-        they would otherwise have to preempt speculation for)."""
+        once an instance is warm for it: only those warm for it, or (with the pool to itself) those
+        its prefill budget still allows; while other requests use the pool, also less a headroom of
+        ``headroom`` instances kept for the other requests' critical windows (one they would
+        otherwise have to preempt speculation for)."""
         free = self._free()
         quiet = session_id is None or not free or self._quiet(session_id)
         usable = None
-        if not quiet:
-            assert session_id is not None
-            warm = [i for i in self.targets.all() if i.healthy and self._warm(i, session_id)]
-            if warm:
-                usable = sum(1 for i in free if i in warm)
+        if session_id is not None and free:
+            allowed = self._allowed(session_id, quiet)
+            if allowed is not None:
+                usable = sum(1 for i in free if i in allowed)
         return policy.spare_targets(len(free), self._live_waiters, quiet, usable, self.headroom)
 
     def load(self, session_id: str) -> policy.Load:
         """The pool as the session's dispatch rules see it (``policy.Load``)."""
-        return policy.Load(self.spare(session_id), len(self._others(session_id)))
+        quiet = self._quiet(session_id)
+        allowed = self._allowed(session_id, quiet) if quiet else None
+        healthy = self.targets.healthy_count()
+        # With the pool to itself but its prefill budget spent: the instances it is confined to.
+        confined = len(allowed) if allowed is not None and len(allowed) < healthy else None
+        return policy.Load(self.spare(session_id), len(self._others(session_id)), confined)
+
+    def _allowed(self, session_id: str, quiet: bool) -> list[TargetInstance] | None:
+        """The healthy instances the session's speculation may use (None: all, as none is warm for it
+        yet): those warm for it, and with the pool to itself those its prefill budget allows."""
+        healthy = [i for i in self.targets.all() if i.healthy]
+        warm = [i for i in healthy if self._warm(i, session_id)]
+        if not warm:
+            return None
+        if not quiet:
+            return warm
+        committed = self.committed.get(session_id)
+        length = len(committed) if committed is not None else 0
+        allowed, cost = list(warm), 0
+        for inst in sorted((i for i in healthy if i not in warm), key=lambda i: -self._held(i, session_id)):
+            cost += length - self._held(inst, session_id)  # the cheapest prefills first, together
+            if not self._within_budget(session_id, cost):
+                break
+            allowed.append(inst)
+        return allowed
+
+    @staticmethod
+    def _held(inst: TargetInstance, session_id: str) -> int:
+        held = inst.sessions.get(session_id)
+        return held.length if held is not None else 0
+
+    def _within_budget(self, session_id: str, tokens: int) -> bool:
+        """A cold prefill of ``tokens`` more keeps the session within its prefill budget."""
+        prompt = max(1, self._prompt.get(session_id, 0))
+        return self._prefilled.get(session_id, 0) + tokens <= self.prefill_budget * prompt
 
     def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
         """A call for the window failed or was cancelled on the instance: its cache now holds at most
@@ -165,7 +219,7 @@ class Placement:
         return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= self.cold_tokens
 
     def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
-        return window.first_position - 1 - held_prefix(inst, window) > self.cold_tokens
+        return self._fill(inst, window) > self.cold_tokens
 
     def _warm_soon(self, inst: TargetInstance, window: WindowRequest) -> bool:
         """The instance computes a window of the same session now (its prompt's prefill, say), after
@@ -189,20 +243,35 @@ class Placement:
         return not self._others(session_id)
 
     def _may_run(self, inst: TargetInstance, window: WindowRequest) -> bool:
-        """A window starts a cold prefill only when no healthy instance could compute it warm, or no
-        other request uses the pool: under load a critical window, too, waits for an instance that
-        holds its session (behind the windows queued before it) rather than recompute the prompt
-        elsewhere, nor while an instance computes a window of its session that will leave it warm
-        (the prompt's prefill). Judged per window (not by ``_warm``, which looks at the committed prefix only):
-        an instance that holds the session's committed prefix but not this window's drafts far
-        enough is no better than a cold one, and must not keep the window waiting."""
-        if not self._cold(inst, window) or self._quiet(window.session_id):
+        """A window starts a cold prefill only when no healthy instance could compute it warm, nor
+        computes a window of its session now that will leave it warm (the prompt's prefill): under
+        load a critical window, too, waits for an instance that holds its session (behind the
+        windows queued before it) rather than recompute the prompt elsewhere. With the pool to
+        itself a request may prefill another instance while its prefill budget lasts. Judged per
+        window (not by ``_warm``, which looks at the committed prefix only): an instance that holds
+        the session's committed prefix but not this window's drafts far enough is no better than a
+        cold one, and must not keep the window waiting."""
+        if not self._cold(inst, window):
             return True
         # An instance computing the session's prefill now counts as warm: the windows that follow
         # it wait for it rather than prefill the prompt again elsewhere.
-        return not any(
+        needed = not any(
             i.healthy and (not self._cold(i, window) or self._warm_soon(i, window)) for i in self.targets.all()
         )
+        if needed:
+            return True
+        return self._quiet(window.session_id) and self._within_budget(window.session_id, self._fill(inst, window))
+
+    @staticmethod
+    def _fill(inst: TargetInstance, window: WindowRequest) -> int:
+        """Tokens the instance computes before the window's first scored position."""
+        return window.first_position - 1 - held_prefix(inst, window)
+
+    def _give(self, inst: TargetInstance, window: WindowRequest) -> None:
+        """The instance is the window's: a cold prefill there counts against the session's budget."""
+        inst.busy = True
+        if self._cold(inst, window):
+            self._prefilled[window.session_id] = self._prefilled.get(window.session_id, 0) + self._fill(inst, window)
 
     def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
         """A warm instance for the window running a speculative window that may be preempted."""
@@ -256,7 +325,7 @@ class Placement:
                 self._waiters.remove(waiter)
                 heapq.heapify(self._waiters)
             inst = self._best(choices, waiter.request)
-            inst.busy = True
+            self._give(inst, waiter.request)
             waiter.future.set_result(inst)
 
     def _first_that_may_run(self, free: list[TargetInstance]) -> tuple[_Waiter, list[TargetInstance]] | None:
@@ -284,7 +353,7 @@ class Placement:
         choices = [i for i in free if self._may_run(i, request)] if free and not self._waiters else []
         if choices:
             inst = self._best(choices, request)
-            inst.busy = True
+            self._give(inst, request)
             return inst
         if rank == 0 and free and not self._waiters:
             # Every free instance is cold for it under load: take a warm one from speculation, or wait.

@@ -20,7 +20,9 @@ Speculation spends only capacity nobody else needs (docs/architecture.md, "A req
   A shorter critical window, or a zero-draft window (the non-SI step: at the start of an epoch, or
   whenever no draft is there yet for the first undecided position), goes out only while target
   instances would otherwise idle: more spare ones than other requests have windows on the targets
-  (each of those may want one next), so under load each forward carries a full window.
+  (each of those may want one next), so under load each forward carries a full window; and not
+  when the request is confined to a single instance (``Load.confined``: its prefill budget spent),
+  where the short window would take the instance from the full one.
 - A *speculative* window (rank >= 1) goes out only full and only onto an idle instance nobody is
   waiting for, except the full window right after a short critical one (window 0, say), which the
   request needs next almost surely and which must not wait for the short one. The pool preempts a
@@ -62,6 +64,9 @@ class Load:
 
     spare_targets: int
     others: int = 0
+    # With the pool to itself but its prefill budget spent: how many instances (those holding its
+    # session) the request may use, fewer than the healthy ones (None: not confined).
+    confined: int | None = None
 
 
 
@@ -77,13 +82,16 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
         start = max(start, state.decided)  # decided positions need no scoring again
     # A short critical window (window 0, say) computes: the full window after it goes without spare.
     follows_short = not critical_idle and state.critical_end - state.critical_start < lookahead
+    # Confined to one instance (a long prompt held by one only), a short window would take it from
+    # the full window after it: the request waits for full windows, as SI does.
+    single = load.confined is not None and load.confined <= 1
     while in_flight < sp:
         available = usable - start
         last = not state.more_drafts or usable >= state.budget  # no more drafts will come for it
         complete = available >= lookahead or (available > 0 and last)
         if critical_idle and not out:
             fresh = start == state.decided  # a window from the first undecided position
-            if not (complete or ((spare > load.others or last) and (available > 0 or fresh))):
+            if not (complete or ((spare > load.others and not single or last) and (available > 0 or fresh))):
                 return out
         elif not (complete and (spare > 0 or follows_short)):
             return out
@@ -225,10 +233,13 @@ def preemption_victims(critical_waiting: int, running: Sequence[RunningWindow]) 
 
 def spare_targets(free: int, waiting: int, quiet: bool, usable: int | None = None, headroom: int = 1) -> int:
     """Idle target instances a request's speculation may use: the ``free`` ones no ``waiting``
-    window will take. While other requests use the pool (not ``quiet``), only the ``usable`` ones
-    (those warm for the request; None: all) and less a ``headroom`` of instances kept for the other
-    requests' critical windows (which would otherwise have to preempt speculation)."""
+    window will take, only the ``usable`` ones (those warm for the request, or its prefill budget
+    allows; None: all), and while other requests use the pool (not ``quiet``) less a ``headroom`` of
+    instances kept for the other requests' critical windows (which would otherwise have to preempt
+    speculation)."""
     spare = free - waiting
     if free and not quiet:
         spare = min((free if usable is None else usable) - waiting, spare - headroom)
+    elif free and usable is not None:
+        spare = min(usable - waiting, spare)
     return max(0, spare)

@@ -20,7 +20,7 @@ import grpc
 
 from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
-from dsi.services.orchestrator.placement import COLD_TOKENS, Preempted, Running, held_prefix
+from dsi.services.orchestrator.placement import COLD_TOKENS, PREFILL_BUDGET, Preempted, Running, held_prefix
 from dsi.services.orchestrator.placement import Placement as Placement
 from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult
 from dsi.services.orchestrator.targets import CHANNEL_OPTIONS as CHANNEL_OPTIONS
@@ -60,6 +60,7 @@ class TargetPool:
         incremental: bool = True,
         cold_tokens: int = COLD_TOKENS,
         headroom: int = 1,
+        prefill_budget: float = PREFILL_BUDGET,
         upstream_tls: tls.ClientTLS | None = None,
     ) -> None:
         self.deadline_s = deadline_s
@@ -68,7 +69,7 @@ class TargetPool:
         self.max_retries = max_retries
         self.metrics = metrics
         self.targets = Targets(addresses, health_interval_s, metrics, upstream_tls)
-        self.placement = Placement(self.targets, cold_tokens, headroom, metrics)
+        self.placement = Placement(self.targets, cold_tokens, headroom, metrics, prefill_budget)
         # Session id -> addresses of the instances that were sent any of its windows (for Release).
         self._sent: dict[str, set[str]] = {}
         # Where decode windows' latencies go (automatic lookahead), when set.

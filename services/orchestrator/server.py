@@ -189,6 +189,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     pool = TargetPool(
         [], settings.deadline_s, settings.health_interval_s, metrics=metrics, incremental=not settings.full_verify,
         cold_tokens=settings.cold_prefill_tokens, headroom=settings.speculation_headroom,
+        prefill_budget=settings.prefill_budget,
         upstream_tls=settings.upstream_tls,
     )
     discovery = TargetDiscovery(settings.targets, pool.set_addresses, settings.resolve_interval_s,

@@ -48,6 +48,7 @@ class OrchestratorSettings:
     api_key_file: str = ""  # "" = the public API needs no key
     expose_internals: bool = False  # Info names addresses and paths, errors name endpoints, reflection on
     cold_prefill_tokens: int = 256
+    prefill_budget: float = 1.5
     speculation_headroom: int = 1
 
 
@@ -126,6 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--cold-prefill-tokens", env=f"{env}_COLD_PREFILL_TOKENS", type=int, default=256,
              help="a window that would first compute more than this many tokens on a target instance (a long "
                   "prompt's prefill) goes there only on capacity nobody else needs; a huge value turns this off")
+    add_flag(parser, "--prefill-budget", env=f"{env}_PREFILL_BUDGET", type=float, default=1.5,
+             help="prompt tokens a request may have the targets prefill, as a multiple of its prompt's length "
+                  "(the first prefill included): with the pool to itself, DSI prefills a long prompt on another "
+                  "idle instance for its speculation only within this budget; 1.5 = a long prompt is prefilled "
+                  "once, 'inf' = on every idle instance (faster alone on the pool, at the cost of target time)")
     add_flag(parser, "--speculation-headroom", env=f"{env}_SPECULATION_HEADROOM", type=int, default=1,
              help="idle target instances DSI's speculation leaves to other requests' critical windows while "
                   "other requests run (0 = speculate on every idle instance)")
@@ -169,6 +175,9 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         raise SystemExit("--max-active-requests must be >= 1, --max-queued-requests and --max-queue-wait-s >= 0")
     if ns.speculation_headroom < 0:
         raise SystemExit(f"--speculation-headroom must be >= 0, got {ns.speculation_headroom}")
+    if not ns.prefill_budget >= 1.0:  # also rejects nan
+        raise SystemExit(f"--prefill-budget must be >= 1 (1: only the prefill plain decoding needs), "
+                         f"got {ns.prefill_budget}")
     if ns.cold_prefill_tokens < 0:
         raise SystemExit(f"--cold-prefill-tokens must be >= 0, got {ns.cold_prefill_tokens}")
     targets = _split(ns.targets)
@@ -205,5 +214,6 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         api_key_file=ns.api_key_file,
         expose_internals=ns.expose_internals,
         cold_prefill_tokens=ns.cold_prefill_tokens,
+        prefill_budget=ns.prefill_budget,
         speculation_headroom=ns.speculation_headroom,
     )

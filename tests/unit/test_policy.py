@@ -60,6 +60,21 @@ def test_short_critical_windows_leave_an_idle_target_for_every_other_request() -
     assert windows_to_dispatch(state(drafts=2, more_drafts=False), L, SP, Load(0, others=15)) == [(0, 2)]
 
 
+def test_a_request_confined_to_one_instance_sends_only_full_windows() -> None:
+    """Confined to the one instance holding its long prompt (its prefill budget spent), a request
+    sends no zero-draft or short window: it would occupy the instance the full window needs next.
+    Confined to two, or to none, the short windows go out as before; with no more drafts coming, the
+    critical window goes with what there is."""
+    idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
+    alone = Load(spare_targets=1, others=0, confined=1)
+    assert windows_to_dispatch(state(), L, SP, alone) == []
+    assert windows_to_dispatch(idle_critical, L, SP, alone) == []
+    assert windows_to_dispatch(state(drafts=4), L, SP, alone) == [(0, 4)]
+    assert windows_to_dispatch(state(drafts=2, more_drafts=False), L, SP, alone) == [(0, 2)]
+    assert windows_to_dispatch(state(), L, SP, Load(spare_targets=1, confined=2)) == [(0, 0)]
+    assert windows_to_dispatch(idle_critical, L, SP, Load(spare_targets=1, confined=None)) == [(5, 6)]
+
+
 def test_speculative_windows_take_only_spare_targets() -> None:
     # Window 0 computes (the critical one); 9 drafts are there.
     busy_critical = state(drafts=9, windows=1, in_flight=1)

@@ -8,6 +8,8 @@ import grpc
 import pytest
 
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
+from dsi.services.orchestrator.placement import PREFILL_BUDGET
+from dsi.services.orchestrator.policy import Load
 from dsi.services.orchestrator.pool import Held, TargetPool
 from dsi.services.orchestrator.scheduler import RequestStats, WindowRequest
 from dsi.services.runtime.params import Mode
@@ -527,18 +529,25 @@ def test_full_verify_sends_the_whole_sequence_every_time() -> None:
     asyncio.run(main())
 
 
-def _placement_pool(stub: _FakeStub | None = None) -> tuple[TargetPool, list[int]]:
-    """Instances A, B, C; A holds session "s" (600 committed tokens), B and C hold nothing of it."""
-    from dsi.services.runtime.prefixes import PrefixHashes
-
-    pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60)
+async def _placement_pool(
+    stub: _FakeStub | None = None, prefill_budget: float = PREFILL_BUDGET
+) -> tuple[TargetPool, list[int]]:
+    """Instances A, B, C; A holds session "s" (a 600-token prompt, which its window 0 prefilled
+    there, as ``verify`` records it), B and C hold nothing of it."""
+    pool = TargetPool(["A:1", "B:1", "C:1"], health_interval_s=60, prefill_budget=prefill_budget)
     for inst in pool.targets.all():
         inst.healthy = True
         if stub is not None:
             inst.stub = stub  # type: ignore[assignment]
     tokens = [t % 250 + 1 for t in range(600)]
-    pool.placement.committed["s"] = PrefixHashes(tokens)
-    pool.targets.get("A:1").sessions["s"] = Held(tokens, 600, 600)
+    window0 = WindowRequest("s", tokens, 600, 0, 1, committed=600)
+    pool.placement.track(window0)
+    a = await pool.placement.acquire(window0)
+    assert a.address == "A:1"
+    pool.placement.verified(a, window0)
+    pool.placement.untrack(window0)
+    pool.placement.release(a)
+    assert a.sessions["s"] == Held(tokens, 600, 600)
     return pool, tokens
 
 
@@ -568,7 +577,7 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
     spare target for it."""
 
     async def main() -> None:
-        pool, tokens = _placement_pool()
+        pool, tokens = await _placement_pool()
         _occupy(pool, "A:1", "other")
         _occupy(pool, "C:1", "other")
         pool.placement.headroom = 0
@@ -584,8 +593,8 @@ def test_the_load_a_request_sees_counts_the_other_requests_on_the_targets() -> N
     counted once), which the dispatch rules weigh short windows against."""
 
     async def main() -> None:
-        pool, tokens = _placement_pool()
-        assert pool.load("s").others == 0 and pool.load("s").spare_targets == 3
+        pool, tokens = await _placement_pool(prefill_budget=float("inf"))
+        assert pool.load("s") == Load(spare_targets=3, others=0, confined=None)
         _occupy(pool, "A:1", "other")
         _occupy(pool, "B:1", "other", rank=1)
         _occupy(pool, "C:1", "third")
@@ -607,7 +616,7 @@ def test_under_load_the_window_after_a_prefill_waits_for_the_instance_computing_
     from dsi.services.orchestrator.placement import Running
 
     async def main() -> None:
-        pool, _ = _placement_pool()
+        pool, _ = await _placement_pool()
         prompt = [t % 200 + 3 for t in range(600)]
         loop = asyncio.get_running_loop()
         a = pool.targets.get("A:1")
@@ -628,13 +637,48 @@ def test_under_load_the_window_after_a_prefill_waits_for_the_instance_computing_
     asyncio.run(main())
 
 
-def test_with_the_pool_to_itself_a_request_prefills_idle_instances() -> None:
+def test_with_the_pool_to_itself_a_request_prefills_idle_instances_within_its_budget() -> None:
+    """Alone on the pool, a request's speculation prefills its 600-token prompt on idle B or C only
+    while its cold prefills stay within ``prefill_budget`` x 600 tokens (window 0's prefill on A
+    counts): at 1.5 no second prefill fits, so its speculation waits for A and it is confined to A;
+    at 2 one more fits (then no third: two instances of three); at inf every idle instance."""
+
     async def main() -> None:
-        pool, tokens = _placement_pool()
-        _occupy(pool, "A:1", "s", rank=0)  # its own critical window
-        assert pool.spare("s") == 2
-        spec = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
-        assert (await pool.placement.acquire(spec)).address in ("B:1", "C:1")
+        spec = [5, 6, 7, 8]
+        for budget, extra in ((PREFILL_BUDGET, 0), (2.0, 1), (float("inf"), 2)):
+            pool, tokens = await _placement_pool(prefill_budget=budget)
+            _occupy(pool, "A:1", "s", rank=0)  # its own critical window
+            assert pool.spare("s") == extra
+            assert pool.load("s").confined == (1 + extra if extra < 2 else None), budget  # of 3 healthy
+            got = []
+            for k in range(extra):
+                window = WindowRequest("s", tokens + spec[: k + 1], 600, 1 + k, 1, committed=600)
+                inst = await pool.placement.acquire(window)
+                _occupy(pool, inst.address, "s", rank=1 + k)
+                got.append(inst.address)
+            assert sorted(got) == ["B:1", "C:1"][:extra]
+            if extra < 2:  # the next one waits for A (busy) rather than prefill an idle cold instance
+                window = WindowRequest("s", tokens + spec, 600, 3, 1, committed=600)
+                task = asyncio.ensure_future(pool.placement.acquire(window))
+                await asyncio.sleep(0.01)
+                assert not task.done() and sum(i.busy for i in pool.targets.all()) == 1 + extra
+                pool.targets.get("A:1").running = None
+                pool.placement.release(pool.targets.get("A:1"))
+                assert (await task).address == "A:1"
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_prefill_that_no_instance_could_avoid_is_not_limited_by_the_budget() -> None:
+    """When no healthy instance holds the session (A, which held it, went down), the prefill on a
+    cold instance is needed, whatever the budget left: it is placed at once."""
+
+    async def main() -> None:
+        pool, tokens = await _placement_pool()
+        pool.targets.get("A:1").healthy = False
+        window = WindowRequest("s", tokens + [5, 6], 600, 0, 1, committed=600)
+        assert (await pool.placement.acquire(window)).address in ("B:1", "C:1")
         await pool.close()
 
     asyncio.run(main())
@@ -648,7 +692,7 @@ def test_a_window_waiting_for_the_prefilling_instance_is_handed_it_once_it_holds
 
     async def main() -> None:
         stub = _SessionStub({"p": 0.05, "other": 10.0})
-        pool, _ = _placement_pool(stub)
+        pool, _ = await _placement_pool(stub)
         prompt = [t % 200 + 3 for t in range(600)]
         sampling = common_pb2.SamplingParams()
         _occupy(pool, "C:1", "other")  # another request uses the pool
@@ -674,7 +718,7 @@ def test_under_load_a_critical_window_takes_a_warm_instance_from_speculation() -
 
     async def main() -> None:
         stub = _SessionStub({"s": 0.5})
-        pool, tokens = _placement_pool(stub)
+        pool, tokens = await _placement_pool(stub)
         _occupy(pool, "C:1", "other")
         sampling = common_pb2.SamplingParams()
         spec = WindowRequest("s", tokens + [5, 6, 7, 8, 9, 1, 2, 3], 604, 1, 1, committed=600)
@@ -725,7 +769,7 @@ def test_under_load_a_critical_window_waits_for_its_warm_instance_rather_than_pr
     critical window waits for it (one forward) instead of computing 600 tokens on the idle cold B."""
 
     async def main() -> None:
-        pool, tokens = _placement_pool()
+        pool, tokens = await _placement_pool()
         _occupy(pool, "A:1", "other", rank=0)
         _occupy(pool, "C:1", "other", rank=0)
         await _waits_for_a(pool, WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600))
@@ -736,7 +780,7 @@ def test_under_load_a_critical_window_waits_for_its_warm_instance_rather_than_pr
 
 def test_a_critical_window_prefills_cold_when_no_instance_holds_its_session() -> None:
     async def main() -> None:
-        pool, tokens = _placement_pool()
+        pool, tokens = await _placement_pool()
         pool.targets.get("A:1").mark_down("gone")  # the only warm instance
         _occupy(pool, "C:1", "other", rank=0)
         critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
@@ -752,7 +796,7 @@ def test_an_instance_holding_the_prefix_but_not_the_window_does_not_keep_it_wait
     an instance that would have to catch up anyway (it used to wait until the pool went quiet)."""
 
     async def main() -> None:
-        pool, tokens = _placement_pool()
+        pool, tokens = await _placement_pool()
         _occupy(pool, "A:1", "other", rank=0)
         _occupy(pool, "C:1", "other", rank=0)
         drafts = list(range(1, 301))
@@ -768,7 +812,7 @@ def test_a_window_waiting_for_its_warm_instance_leaves_the_free_ones_to_others()
     next takes the idle B at once, and nothing is preempted for the waiting one."""
 
     async def main() -> None:
-        pool, tokens = _placement_pool()
+        pool, tokens = await _placement_pool()
         _occupy(pool, "A:1", "other", rank=0)
         _occupy(pool, "C:1", "third", rank=1)  # speculation that must not be stopped for nothing
         critical = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 0, 1, committed=600)
@@ -784,3 +828,23 @@ def test_a_window_waiting_for_its_warm_instance_leaves_the_free_ones_to_others()
         await pool.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("arg", "budget"), [(None, 1.5), ("1", 1.0), ("inf", float("inf")), ("0.5", None), ("nan", None)]
+)
+def test_the_prefill_budget_flag(arg: str | None, budget: float | None) -> None:
+    """``--prefill-budget``: 1.5 by default, ``inf`` allowed, below 1 (less than the prefill plain
+    decoding needs) or nan refused with a message."""
+    import argparse
+
+    from dsi.services.orchestrator.settings import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--targets", "a:1"] + ([] if arg is None else ["--prefill-budget", arg])
+    if budget is None:
+        with pytest.raises(SystemExit, match="--prefill-budget must be >= 1"):
+            settings_from_args(parser.parse_args(argv))
+    else:
+        assert settings_from_args(parser.parse_args(argv)).prefill_budget == budget
