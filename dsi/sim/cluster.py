@@ -163,16 +163,19 @@ class _Pool:
         self.running: list[_Run] = []
         self.waiters: list[tuple[tuple[int, int], _Window]] = []
         self.order = itertools.count()
+        # Requests under way, from their first window until they finish (``Placement.committed``).
+        self.under_way: set[int] = set()
 
     def load(self, req: _Request) -> policy.Load:
-        """As ``Placement.load``: spare instances for the request, and the other requests with
-        windows running or waiting."""
+        """As ``Placement.load``: spare instances for the request, and the other requests under way."""
         others = {id(r.window.req) for r in self.running} | {id(w.req) for _, w in self.waiters}
         others.discard(id(req))
         quiet = not self.free or not others
-        return policy.Load(policy.spare_targets(self.free, len(self.waiters), quiet, None, self.headroom), len(others))
+        spare = policy.spare_targets(self.free, len(self.waiters), quiet, None, self.headroom)
+        return policy.Load(spare, len((self.under_way | others) - {id(req)}))
 
     def acquire(self, window: _Window) -> None:
+        self.under_way.add(id(window.req))
         if self.free and not self.waiters:
             self._start(window)
             return
@@ -411,6 +414,7 @@ class _Request:
         self.epoch += 1  # what is still pending of the last epoch is stale from here on
         if self.done():
             self.sim.finished += 1
+            self.sim.pool.under_way.discard(id(self))
             return
         self.out.epochs += 1
         self.base = len(self.out.commit_times)

@@ -163,7 +163,7 @@ class Placement:
         healthy = self.targets.healthy_count()
         # With the pool to itself but its prefill budget spent: the instances it is confined to.
         confined = len(allowed) if allowed is not None and len(allowed) < healthy else None
-        return policy.Load(self.spare(session_id), len(self._others(session_id)), confined)
+        return policy.Load(self.spare(session_id), len(self._under_way(session_id)), confined)
 
     def _allowed(self, session_id: str, quiet: bool) -> list[TargetInstance] | None:
         """The healthy instances the session's speculation may use (None: all, as none is warm for it
@@ -237,6 +237,11 @@ class Placement:
         others |= {w.request.session_id for w in self._waiters if not w.future.done()}
         others.discard(session_id)
         return others
+
+    def _under_way(self, session_id: str) -> set[str]:
+        """The other requests under way: with a window on the targets, or between two (drafting their
+        next), from their first window until their session is forgotten."""
+        return (set(self.committed) | self._others(session_id)) - {session_id}
 
     def _quiet(self, session_id: str) -> bool:
         """No other request has a window running or waiting: idle capacity is this one's to use."""

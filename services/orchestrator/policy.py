@@ -19,8 +19,9 @@ Speculation spends only capacity nobody else needs (docs/architecture.md, "A req
   it starts) goes out as soon as it carries ``lookahead`` drafts, or every draft it will ever get.
   A shorter critical window, or a zero-draft window (the non-SI step: at the start of an epoch, or
   whenever no draft is there yet for the first undecided position), goes out only while target
-  instances would otherwise idle: more spare ones than other requests have windows on the targets
-  (each of those may want one next), so under load each forward carries a full window; and not
+  instances would otherwise idle: more spare ones than other requests are under way (each of those
+  wants one next, also one drafting now: a short window and the full one after it would leave it
+  none, and it would preempt that full window), so under load each forward carries a full window; and not
   when the request is confined to a single instance (``Load.confined``: its prefill budget spent),
   where the short window would take the instance from the full one.
 - A *speculative* window (rank >= 1) goes out only full and only onto an idle instance nobody is
@@ -60,7 +61,8 @@ class EpochState:
 @dataclass(frozen=True)
 class Load:
     """The shared targets, seen from one request: instances idle that nobody is waiting for, and how
-    many other requests have windows computing or waiting on them."""
+    many other requests are under way (with windows computing or waiting on them, or drafting their
+    next: each will want an instance soon)."""
 
     spare_targets: int
     others: int = 0

@@ -588,9 +588,11 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
     asyncio.run(main())
 
 
-def test_the_load_a_request_sees_counts_the_other_requests_on_the_targets() -> None:
-    """``load``: spare instances and the other requests with windows running or waiting (each
-    counted once), which the dispatch rules weigh short windows against."""
+def test_the_load_a_request_sees_counts_the_other_requests_under_way() -> None:
+    """``load``: spare instances and the other requests under way (each counted once), which the
+    dispatch rules weigh short windows against: those with windows running or waiting, and those
+    between two windows (drafting their next: "s" here, with no window on the targets), until the
+    pool forgets their session."""
 
     async def main() -> None:
         pool, tokens = await _placement_pool(prefill_budget=float("inf"))
@@ -598,12 +600,14 @@ def test_the_load_a_request_sees_counts_the_other_requests_on_the_targets() -> N
         _occupy(pool, "A:1", "other")
         _occupy(pool, "B:1", "other", rank=1)
         _occupy(pool, "C:1", "third")
-        assert pool.load("s").others == 2 and pool.load("other").others == 1
+        assert pool.load("s").others == 2 and pool.load("other").others == 2  # "s" and "third"
         waiting = asyncio.ensure_future(pool.placement.acquire(WindowRequest("fourth", [1, 2], 2, 0, 0)))
         await asyncio.sleep(0.01)
         assert not waiting.done() and pool.load("s").others == 3 and pool.load("s").spare_targets == 0
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
+        pool.placement.forget("s")  # "s" ended
+        assert pool.load("other").others == 1
         await pool.close()
 
     asyncio.run(main())
