@@ -103,7 +103,7 @@ class TargetClient(Protocol):
 
     def load(self) -> policy.Load:
         """Target instances idle now that no waiting window will take (capacity nobody needs), and
-        the other requests with windows on the targets."""
+        the other requests under way (``policy.Load``)."""
         ...
 
     async def verify(self, window: WindowRequest) -> WindowResult:

@@ -48,8 +48,8 @@ def test_short_critical_windows_only_onto_idle_targets() -> None:
 
 def test_short_critical_windows_leave_an_idle_target_for_every_other_request() -> None:
     """Window 0 and short critical windows go out only while more targets are spare than other
-    requests have windows on the targets: each of those may want a target next, and a short window
-    (not preemptible: it is critical) would make it wait. A full window goes out regardless."""
+    requests are under way: each of those wants a target soon, and a short window (not preemptible:
+    it is critical) would make it wait. A full window goes out regardless."""
     idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
     assert windows_to_dispatch(state(), L, SP, Load(spare_targets=3, others=2)) == [(0, 0)]
     assert windows_to_dispatch(state(), L, SP, Load(spare_targets=2, others=2)) == []
