@@ -15,12 +15,14 @@ instance is warm for its request (unless no other request uses the pool); under 
 window takes a warm instance from speculation, or waits for one, rather than prefill cold.
 
 Prefill budget: even alone on the pool, a request's windows start a cold prefill that is not needed
-(another healthy instance holds the session, or computes it now) only while the tokens of its cold
-prefills, this one included, stay within ``prefill_budget`` x its prompt's length (the first
-prefill, which plain decoding pays too, counts). At the default of 1.5 a long prompt is prefilled
-once (the rest of the budget covers catching an instance up later); a short prompt is never cold
-(at most COLD_TOKENS), so its speculation spreads over every idle instance as before; ``inf``
-prefills every idle instance, trading target time nobody else wants for speed."""
+(another healthy instance holds the session, or computes it now) only while the committed tokens
+its cold prefills started, this one included, stay within ``prefill_budget`` x its committed
+length (what plain decoding has computed for it so far; the first prefill, which plain decoding
+pays too, counts; tokens started are not refunded when a forward is cancelled). At the default of
+1.5 a long prompt is prefilled once; a short prompt is not cold (at most COLD_TOKENS) until its
+request has generated past COLD_TOKENS, so its speculation spreads over every idle instance as
+before; ``inf`` prefills every idle instance, trading target time nobody else wants for speed.
+Prefills no instance could avoid (none holds the session) are never limited."""
 
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len
 # up to the first scored position) is cold there: a prefill, placed only on capacity nobody needs.
 # Up to a few hundred tokens cost a GPU forward about what one token does (it is memory-bound).
 COLD_TOKENS = 256
-# Tokens of cold prefills a request may start, as a multiple of its prompt's length (the first, needed
-# prefill included): at most 1.5x plain decoding's prefill work.
+# Committed tokens a request's cold prefills may start, as a multiple of its committed length (the
+# first, needed prefill included): at most 1.5x plain decoding's prefill work.
 PREFILL_BUDGET = 1.5
 # Sessions whose holdings the placement remembers per instance (least recently used dropped).
 HELD_PER_INSTANCE = 1024
@@ -97,13 +99,14 @@ class Placement:
         # Idle instances speculation leaves to other requests' critical windows while they run.
         self.headroom = headroom
         self.metrics = metrics
-        # Cold prefill tokens a request may start, as a multiple of its prompt's length.
+        # Cold prefill tokens a request may start, as a multiple of its committed length.
         self.prefill_budget = prefill_budget
         # Session id -> hashes of its committed prefix so far (it only grows).
         self.committed: dict[str, PrefixHashes] = {}
-        # Session id -> its prompt's length, and the tokens of the cold prefills it started so far.
-        self._prompt: dict[str, int] = {}
+        # Session id -> committed tokens of the cold prefills it started so far.
         self._prefilled: dict[str, int] = {}
+        # Requests under way: from their first window until their scheduler ends (``ended``).
+        self._active: set[str] = set()
         self._waiters: list[_Waiter] = []
         self._seq = itertools.count()
         self._live_waiters = 0  # waiters not yet served nor cancelled (the heap also holds dead ones)
@@ -116,7 +119,7 @@ class Placement:
     def track(self, window: WindowRequest) -> None:
         """A window starts being verified: its committed prefix is recorded, its rank followed."""
         hashes = self.committed.setdefault(window.session_id, PrefixHashes())
-        self._prompt.setdefault(window.session_id, window.committed)
+        self._active.add(window.session_id)
         if len(hashes) < window.committed:
             hashes.append(window.token_ids[len(hashes) : window.committed])
         self._ranks[id(window)] = window.rank
@@ -134,51 +137,57 @@ class Placement:
         while len(inst.sessions) > HELD_PER_INSTANCE:
             inst.sessions.popitem(last=False)
 
+    def ended(self, session_id: str) -> None:
+        """The session's request is over (its windows cancelled): no longer under way for the others,
+        even while its answer is still being read and its release is to come."""
+        self._active.discard(session_id)
+
     def forget(self, session_id: str) -> list[TargetInstance]:
         """Drop a finished session's records; the instances that held it."""
         self.committed.pop(session_id, None)
-        self._prompt.pop(session_id, None)
         self._prefilled.pop(session_id, None)
+        self._active.discard(session_id)
         return [i for i in self.targets.all() if i.sessions.pop(session_id, None) is not None]
 
     def spare(self, session_id: str | None = None) -> int:
         """Healthy instances idle now that no waiting window will take. For a session's speculation,
-        once an instance is warm for it: only those warm for it, or (with the pool to itself) those
-        its prefill budget still allows; while other requests use the pool, also less a headroom of
+        once an instance is warm for it: only those warm for it, or (alone on the pool) those its
+        prefill budget still allows; while other requests use the pool, also less a headroom of
         ``headroom`` instances kept for the other requests' critical windows (one they would
         otherwise have to preempt speculation for)."""
         free = self._free()
         quiet = session_id is None or not free or self._quiet(session_id)
         usable = None
         if session_id is not None and free:
-            allowed = self._allowed(session_id, quiet)
+            allowed = self._allowed(session_id)
             if allowed is not None:
                 usable = sum(1 for i in free if i in allowed)
         return policy.spare_targets(len(free), self._live_waiters, quiet, usable, self.headroom)
 
     def load(self, session_id: str) -> policy.Load:
         """The pool as the session's dispatch rules see it (``policy.Load``)."""
-        quiet = self._quiet(session_id)
-        allowed = self._allowed(session_id, quiet) if quiet else None
+        under_way = self._under_way(session_id)
+        allowed = None if under_way else self._allowed(session_id)
         healthy = self.targets.healthy_count()
-        # With the pool to itself but its prefill budget spent: the instances it is confined to.
+        # Alone on the pool but its prefill budget spent: the instances it is confined to.
         confined = len(allowed) if allowed is not None and len(allowed) < healthy else None
-        return policy.Load(self.spare(session_id), len(self._under_way(session_id)), confined)
+        return policy.Load(self.spare(session_id), len(under_way), confined)
 
-    def _allowed(self, session_id: str, quiet: bool) -> list[TargetInstance] | None:
+    def _allowed(self, session_id: str) -> list[TargetInstance] | None:
         """The healthy instances the session's speculation may use (None: all, as none is warm for it
-        yet): those warm for it, and with the pool to itself those its prefill budget allows."""
+        yet): those warm for it, and alone on the pool (no other request under way) those its
+        prefill budget allows."""
         healthy = [i for i in self.targets.all() if i.healthy]
         warm = [i for i in healthy if self._warm(i, session_id)]
         if not warm:
             return None
-        if not quiet:
+        if self._under_way(session_id):
             return warm
         committed = self.committed.get(session_id)
         length = len(committed) if committed is not None else 0
         allowed, cost = list(warm), 0
         for inst in sorted((i for i in healthy if i not in warm), key=lambda i: -self._held(i, session_id)):
-            cost += length - self._held(inst, session_id)  # the cheapest prefills first, together
+            cost += max(0, length - self._held(inst, session_id))  # the cheapest prefills first, together
             if not self._within_budget(session_id, cost):
                 break
             allowed.append(inst)
@@ -190,9 +199,10 @@ class Placement:
         return held.length if held is not None else 0
 
     def _within_budget(self, session_id: str, tokens: int) -> bool:
-        """A cold prefill of ``tokens`` more keeps the session within its prefill budget."""
-        prompt = max(1, self._prompt.get(session_id, 0))
-        return self._prefilled.get(session_id, 0) + tokens <= self.prefill_budget * prompt
+        """Cold prefills of ``tokens`` more committed tokens keep the session within its budget."""
+        committed = self.committed.get(session_id)
+        length = max(1, len(committed) if committed is not None else 0)
+        return self._prefilled.get(session_id, 0) + tokens <= self.prefill_budget * length
 
     def unsure(self, inst: TargetInstance, window: WindowRequest, chunked: bool) -> None:
         """A call for the window failed or was cancelled on the instance: its cache now holds at most
@@ -240,8 +250,8 @@ class Placement:
 
     def _under_way(self, session_id: str) -> set[str]:
         """The other requests under way: with a window on the targets, or between two (drafting their
-        next), from their first window until their session is forgotten."""
-        return (set(self.committed) | self._others(session_id)) - {session_id}
+        next), from their first window until their scheduler ends (``ended``)."""
+        return (self._active | self._others(session_id)) - {session_id}
 
     def _quiet(self, session_id: str) -> bool:
         """No other request has a window running or waiting: idle capacity is this one's to use."""
@@ -252,7 +262,8 @@ class Placement:
         computes a window of its session now that will leave it warm (the prompt's prefill): under
         load a critical window, too, waits for an instance that holds its session (behind the
         windows queued before it) rather than recompute the prompt elsewhere. With the pool to
-        itself a request may prefill another instance while its prefill budget lasts. Judged per
+        itself (no other request under way) a request may prefill another instance while its prefill
+        budget lasts. Judged per
         window (not by ``_warm``, which looks at the committed prefix only): an instance that holds
         the session's committed prefix but not this window's drafts far enough is no better than a
         cold one, and must not keep the window waiting."""
@@ -265,18 +276,26 @@ class Placement:
         )
         if needed:
             return True
-        return self._quiet(window.session_id) and self._within_budget(window.session_id, self._fill(inst, window))
+        alone = not self._under_way(window.session_id)
+        return alone and self._within_budget(window.session_id, self._catch_up(inst, window))
 
     @staticmethod
     def _fill(inst: TargetInstance, window: WindowRequest) -> int:
         """Tokens the instance computes before the window's first scored position."""
         return window.first_position - 1 - held_prefix(inst, window)
 
+    @staticmethod
+    def _catch_up(inst: TargetInstance, window: WindowRequest) -> int:
+        """Committed tokens of the window the instance lacks (its drafts not counted: some instance
+        computes those anyway), what the prefill budget is charged."""
+        return max(0, window.committed - held_prefix(inst, window))
+
     def _give(self, inst: TargetInstance, window: WindowRequest) -> None:
         """The instance is the window's: a cold prefill there counts against the session's budget."""
         inst.busy = True
         if self._cold(inst, window):
-            self._prefilled[window.session_id] = self._prefilled.get(window.session_id, 0) + self._fill(inst, window)
+            charged = self._prefilled.get(window.session_id, 0)
+            self._prefilled[window.session_id] = charged + self._catch_up(inst, window)
 
     def _warm_victim(self, window: WindowRequest) -> TargetInstance | None:
         """A warm instance for the window running a speculative window that may be preempted."""

@@ -66,7 +66,7 @@ class Load:
 
     spare_targets: int
     others: int = 0
-    # With the pool to itself but its prefill budget spent: how many instances (those holding its
+    # Alone on the pool but its prefill budget spent: how many instances (those holding its
     # session) the request may use, fewer than the healthy ones (None: not confined).
     confined: int | None = None
 

@@ -130,6 +130,11 @@ class TargetPool:
     def reprioritize(self, request: WindowRequest, rank: int) -> None:
         self.placement.reprioritize(request, rank)
 
+    def ended(self, session_id: str) -> None:
+        """The session's request is over: no longer under way for the others (``release_session``
+        drops its records later)."""
+        self.placement.ended(session_id)
+
     # -- verifying a window ----------------------------------------------------------------------
 
     async def verify(
@@ -305,6 +310,9 @@ class PoolTargetClient:
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.pool.reprioritize(window, rank)
+
+    def end(self) -> None:
+        self.pool.ended(self.request_id)
 
     async def verify(self, window: WindowRequest) -> WindowResult:
         return await self.pool.verify(window, self.sampling, self.request_id, self.chunking)

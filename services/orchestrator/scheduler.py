@@ -116,6 +116,11 @@ class TargetClient(Protocol):
         takes its new place in the queue."""
         ...
 
+    def end(self) -> None:
+        """The request is over and its windows are cancelled: the other requests no longer count it
+        as under way (``policy.Load.others``)."""
+        ...
+
 
 class DraftStream(Protocol):
     """Drafts under credit: the stream may send as many drafts as it was opened with plus granted."""
@@ -307,6 +312,7 @@ class Scheduler:
                     await self._run_epoch()
         finally:
             self.stats.wall_s = self.clock() - self._t0
+            self.target.end()
         return self.stats
 
     # -- shared pieces ---------------------------------------------------------------------------

@@ -128,10 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="a window that would first compute more than this many tokens on a target instance (a long "
                   "prompt's prefill) goes there only on capacity nobody else needs; a huge value turns this off")
     add_flag(parser, "--prefill-budget", env=f"{env}_PREFILL_BUDGET", type=float, default=1.5,
-             help="prompt tokens a request may have the targets prefill, as a multiple of its prompt's length "
-                  "(the first prefill included): with the pool to itself, DSI prefills a long prompt on another "
-                  "idle instance for its speculation only within this budget; 1.5 = a long prompt is prefilled "
-                  "once, 'inf' = on every idle instance (faster alone on the pool, at the cost of target time)")
+             help="committed tokens a request's cold prefills may start, as a multiple of its committed length "
+                  "(what plain decoding computes; the first prefill included): alone on the pool, DSI prefills a "
+                  "long sequence on another idle instance for its speculation only within this budget; 1.5 = a "
+                  "long prompt is prefilled once, 'inf' = on every idle instance (faster alone on the pool, at "
+                  "the cost of target time); prefills no instance could avoid are never limited")
     add_flag(parser, "--speculation-headroom", env=f"{env}_SPECULATION_HEADROOM", type=int, default=1,
              help="idle target instances DSI's speculation leaves to other requests' critical windows while "
                   "other requests run (0 = speculate on every idle instance)")

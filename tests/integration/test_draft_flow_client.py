@@ -45,6 +45,9 @@ class AcceptAllTarget:
     def load(self) -> policy.Load:
         return policy.Load(self._spare)
 
+    def end(self) -> None:
+        pass
+
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         pass
 

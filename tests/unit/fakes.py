@@ -84,6 +84,9 @@ class FakeTarget:
     def load(self) -> policy.Load:
         return policy.Load(self.spare())  # one request: nobody else uses the targets
 
+    def end(self) -> None:
+        pass
+
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.promotions.append((window, rank))
 
@@ -184,6 +187,9 @@ class RequestTarget:
 
     def load(self) -> policy.Load:
         return self.shared.placement.load(self.session_id)
+
+    def end(self) -> None:
+        self.shared.placement.ended(self.session_id)
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         if self.shared.rerank:

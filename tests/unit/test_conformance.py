@@ -142,7 +142,6 @@ def scheduler_cluster(settings: ClusterSettings, specs: list[ClusterRequest]) ->
                                  max_new_tokens=spec.tokens)
         drafter = ScriptedDrafter(spec.drafter_latency, list(spec.first_rejects))
         await Scheduler(RequestTarget(shared, f"s{i}"), drafter, config, f"s{i}", request_seq=i).run(prompt, on_commit)
-        shared.placement.forget(f"s{i}")  # as the service's release when the request ends
         assert ids == reference(prompt, spec.tokens)  # and the output is the target's, whatever the timing
 
     async def main() -> None:

@@ -62,6 +62,7 @@ class FakePool:
         self.target = target
         self.addresses: list[str] = []
         self.released: list[str] = []
+        self.ended_sessions: list[str] = []
 
     def sp_limit(self) -> int:
         return self.target.sp_limit()
@@ -74,6 +75,9 @@ class FakePool:
 
     def reprioritize(self, window: WindowRequest, rank: int) -> None:
         self.target.reprioritize(window, rank)
+
+    def ended(self, session_id: str) -> None:
+        self.ended_sessions.append(session_id)
 
     async def verify(self, window: WindowRequest, sampling: object, request_id: str,
                      chunking: tuple[int, int] | None = None) -> WindowResult:

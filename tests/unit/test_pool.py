@@ -591,8 +591,8 @@ def test_speculation_does_not_prefill_cold_under_load() -> None:
 def test_the_load_a_request_sees_counts_the_other_requests_under_way() -> None:
     """``load``: spare instances and the other requests under way (each counted once), which the
     dispatch rules weigh short windows against: those with windows running or waiting, and those
-    between two windows (drafting their next: "s" here, with no window on the targets), until the
-    pool forgets their session."""
+    between two windows (drafting their next: "s" here, with no window on the targets), until their
+    scheduler ends."""
 
     async def main() -> None:
         pool, tokens = await _placement_pool(prefill_budget=float("inf"))
@@ -606,8 +606,8 @@ def test_the_load_a_request_sees_counts_the_other_requests_under_way() -> None:
         assert not waiting.done() and pool.load("s").others == 3 and pool.load("s").spare_targets == 0
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        pool.placement.forget("s")  # "s" ended
-        assert pool.load("other").others == 1
+        pool.placement.ended("s")  # "s" is over (its release, which forgets it, comes later)
+        assert pool.load("other").others == 1 and "s" in pool.placement.committed
         await pool.close()
 
     asyncio.run(main())
@@ -648,21 +648,22 @@ def test_with_the_pool_to_itself_a_request_prefills_idle_instances_within_its_bu
     at 2 one more fits (then no third: two instances of three); at inf every idle instance."""
 
     async def main() -> None:
-        spec = [5, 6, 7, 8]
+        drafts = [5, 6, 7, 8] * 3
         for budget, extra in ((PREFILL_BUDGET, 0), (2.0, 1), (float("inf"), 2)):
             pool, tokens = await _placement_pool(prefill_budget=budget)
-            _occupy(pool, "A:1", "s", rank=0)  # its own critical window
+            _occupy(pool, "A:1", "s", rank=0)  # its own critical window, over drafts 0-3
             assert pool.spare("s") == extra
             assert pool.load("s").confined == (1 + extra if extra < 2 else None), budget  # of 3 healthy
             got = []
-            for k in range(extra):
-                window = WindowRequest("s", tokens + spec[: k + 1], 600, 1 + k, 1, committed=600)
+            for k in range(extra):  # speculative windows over drafts 4-7, 8-11: charged their committed part
+                window = WindowRequest("s", tokens + drafts[: 4 * (k + 2)], 600 + 4 * (k + 1), 1 + k, 1,
+                                       committed=600)
                 inst = await pool.placement.acquire(window)
                 _occupy(pool, inst.address, "s", rank=1 + k)
                 got.append(inst.address)
             assert sorted(got) == ["B:1", "C:1"][:extra]
             if extra < 2:  # the next one waits for A (busy) rather than prefill an idle cold instance
-                window = WindowRequest("s", tokens + spec, 600, 3, 1, committed=600)
+                window = WindowRequest("s", tokens + drafts, 612, 3, 1, committed=600)
                 task = asyncio.ensure_future(pool.placement.acquire(window))
                 await asyncio.sleep(0.01)
                 assert not task.done() and sum(i.busy for i in pool.targets.all()) == 1 + extra
@@ -670,6 +671,33 @@ def test_with_the_pool_to_itself_a_request_prefills_idle_instances_within_its_bu
                 pool.placement.release(pool.targets.get("A:1"))
                 assert (await task).address == "A:1"
             await pool.close()
+
+    asyncio.run(main())
+
+
+def test_the_budget_grows_with_the_committed_length() -> None:
+    """The budget is a multiple of what plain decoding has computed for the request so far: a request
+    with a short prompt that has generated 600 tokens may catch an instance up on them (alone on the
+    pool), where one with a 600-token prompt and nothing generated may not; once another request is
+    under way, neither may."""
+
+    async def main() -> None:
+        pool, tokens = await _placement_pool()
+        b = pool.targets.get("B:1")
+        b.sessions["s"] = Held(tokens[:10], 10, 10)  # B prefilled the 10-token prompt, then lagged
+        _occupy(pool, "A:1", "s", rank=0)
+        window = WindowRequest("s", tokens + [5, 6, 7, 8], 600, 1, 1, committed=600)
+        assert pool.spare("s") == 0  # A's 600 (charged) + B's 590 > 1.5 x 600
+        pool.placement.forget("s")
+        pool.placement.track(window)  # now 600 committed and nothing charged: 590 fits
+        b.sessions["s"] = Held(tokens[:10], 10, 10)
+        assert pool.spare("s") == 1 and pool.load("s").confined == 2
+        _occupy(pool, "C:1", "other")  # another request under way: no cold catch-up
+        assert pool.spare("s") == 0 and pool.load("s").confined is None
+        pool.targets.get("C:1").running = None
+        pool.placement.ended("other")
+        assert (await pool.placement.acquire(window)).address == "B:1"
+        await pool.close()
 
     asyncio.run(main())
 
