@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Foo:", "for i in range(10):", "return x + y",
            "The quick brown", "while True:", "if __name__ =="]
 N_TOKENS = 24
+STAGGER_S = 0.15
 
 
 def test_dsi_equals_si_and_nonsi_under_load(tiny_pair: tuple[Path, Path], log_dir: Path) -> None:
@@ -48,10 +49,16 @@ def test_dsi_equals_si_and_nonsi_under_load(tiny_pair: tuple[Path, Path], log_di
 
         async def run(mode: str, seeded: bool) -> list[tuple[list[int], dict]]:
             async with AsyncClient(orch.address, timeout=300) as client:
-                jobs = [client.generate(p, max_new_tokens=N_TOKENS, mode=mode, ignore_eos=True,
-                                        **({"temperature": 0.8, "top_k": 40, "seed": 100 + i} if seeded else {}))
-                        for i, p in enumerate(PROMPTS)]
-                return [(r.token_ids, r.stats) for r in await asyncio.gather(*jobs)]
+
+                async def one(i: int, prompt: str) -> tuple[list[int], dict]:
+                    # Staggered arrivals: the requests under way speculate on the targets left idle,
+                    # and the critical windows of those that arrive next have to preempt it.
+                    await asyncio.sleep(STAGGER_S * i)
+                    r = await client.generate(prompt, max_new_tokens=N_TOKENS, mode=mode, ignore_eos=True,
+                                              **({"temperature": 0.8, "top_k": 40, "seed": 100 + i} if seeded else {}))
+                    return r.token_ids, r.stats
+
+                return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
 
         preempted = 0
         for seeded in (False, True):
@@ -61,8 +68,10 @@ def test_dsi_equals_si_and_nonsi_under_load(tiny_pair: tuple[Path, Path], log_di
             assert tokens["si"] == tokens["nonsi"], f"seeded={seeded}"
             assert all(len(ids) == N_TOKENS for ids in tokens["dsi"])
             preempted += sum(int(st.get("windows_preempted", 0)) for _, st in out["dsi"])
-        # The machinery was really at work: 8 requests on 3 targets made critical windows preempt
-        # speculative ones, and urgent drafts preempt background ones on the drafter.
+        # The machinery was really at work: 8 staggered requests on 3 targets made critical windows
+        # preempt speculative ones (12-14 preemptions in local runs; with all 8 sent at once none was
+        # needed once short windows weighed every request under way), and urgent drafts preempt
+        # background ones on the drafter.
         assert preempted > 0
         with grpc.insecure_channel(drafter.address) as ch:
             info = drafter_pb2_grpc.DrafterServiceStub(ch).Info(drafter_pb2.DrafterInfoRequest(), timeout=10)
