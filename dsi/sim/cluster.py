@@ -163,7 +163,8 @@ class _Pool:
         self.running: list[_Run] = []
         self.waiters: list[tuple[tuple[int, int], _Window]] = []
         self.order = itertools.count()
-        # Requests under way, from their first window until they finish (``Placement.committed``).
+        # Requests under way, from their first window until they finish (``Placement._active``, until
+        # the scheduler's ``TargetClient.end``).
         self.under_way: set[int] = set()
 
     def load(self, req: _Request) -> policy.Load:

@@ -155,33 +155,35 @@ class Placement:
         prefill budget still allows; while other requests use the pool, also less a headroom of
         ``headroom`` instances kept for the other requests' critical windows (one they would
         otherwise have to preempt speculation for)."""
-        free = self._free()
-        quiet = session_id is None or not free or self._quiet(session_id)
-        usable = None
-        if session_id is not None and free:
-            allowed = self._allowed(session_id)
-            if allowed is not None:
-                usable = sum(1 for i in free if i in allowed)
-        return policy.spare_targets(len(free), self._live_waiters, quiet, usable, self.headroom)
+        if session_id is None:
+            free = self._free()
+            return policy.spare_targets(len(free), self._live_waiters, True, None, self.headroom)
+        return self.load(session_id).spare_targets
 
     def load(self, session_id: str) -> policy.Load:
-        """The pool as the session's dispatch rules see it (``policy.Load``)."""
-        under_way = self._under_way(session_id)
-        allowed = None if under_way else self._allowed(session_id)
-        healthy = self.targets.healthy_count()
-        # Alone on the pool but its prefill budget spent: the instances it is confined to.
-        confined = len(allowed) if allowed is not None and len(allowed) < healthy else None
-        return policy.Load(self.spare(session_id), len(under_way), confined)
+        """The pool as the session's dispatch rules see it (``policy.Load``): spare instances (as
+        ``spare``), the other requests under way, and the instances a request alone on the pool is
+        confined to by its prefill budget. Each set is worked out once (it runs at every draft)."""
+        others = self._others(session_id)
+        under_way = self._under_way(session_id, others)
+        allowed = self._allowed(session_id, alone=not under_way)
+        free = self._free()
+        usable = None if allowed is None or not free else sum(1 for i in free if i in allowed)
+        spare = policy.spare_targets(len(free), self._live_waiters, not free or not others, usable, self.headroom)
+        confined = None
+        if not under_way and allowed is not None and len(allowed) < self.targets.healthy_count():
+            confined = len(allowed)  # alone on the pool but its prefill budget spent
+        return policy.Load(spare, len(under_way), confined)
 
-    def _allowed(self, session_id: str) -> list[TargetInstance] | None:
+    def _allowed(self, session_id: str, alone: bool) -> list[TargetInstance] | None:
         """The healthy instances the session's speculation may use (None: all, as none is warm for it
-        yet): those warm for it, and alone on the pool (no other request under way) those its
+        yet): those warm for it, and ``alone`` on the pool (no other request under way) those its
         prefill budget allows."""
         healthy = [i for i in self.targets.all() if i.healthy]
         warm = [i for i in healthy if self._warm(i, session_id)]
         if not warm:
             return None
-        if self._under_way(session_id):
+        if not alone:
             return warm
         committed = self.committed.get(session_id)
         length = len(committed) if committed is not None else 0
@@ -224,9 +226,8 @@ class Placement:
         committed sequence."""
         if inst.running is not None and inst.running.window.session_id == session_id:
             return True
-        held = inst.sessions.get(session_id)
         committed = self.committed.get(session_id)
-        return (len(committed) if committed is not None else 0) - (held.length if held else 0) <= self.cold_tokens
+        return (len(committed) if committed is not None else 0) - self._held(inst, session_id) <= self.cold_tokens
 
     def _cold(self, inst: TargetInstance, window: WindowRequest) -> bool:
         return self._fill(inst, window) > self.cold_tokens
@@ -248,14 +249,11 @@ class Placement:
         others.discard(session_id)
         return others
 
-    def _under_way(self, session_id: str) -> set[str]:
-        """The other requests under way: with a window on the targets, or between two (drafting their
-        next), from their first window until their scheduler ends (``ended``)."""
-        return (self._active | self._others(session_id)) - {session_id}
-
-    def _quiet(self, session_id: str) -> bool:
-        """No other request has a window running or waiting: idle capacity is this one's to use."""
-        return not self._others(session_id)
+    def _under_way(self, session_id: str, others: set[str] | None = None) -> set[str]:
+        """The other requests under way: with a window on the targets (``others``, when already
+        worked out), or between two (drafting their next), from their first window until their
+        scheduler ends (``ended``)."""
+        return (self._active | (self._others(session_id) if others is None else others)) - {session_id}
 
     def _may_run(self, inst: TargetInstance, window: WindowRequest) -> bool:
         """A window starts a cold prefill only when no healthy instance could compute it warm, nor

@@ -93,7 +93,7 @@ def windows_to_dispatch(state: EpochState, lookahead: int, sp: int, load: Load) 
         complete = available >= lookahead or (available > 0 and last)
         if critical_idle and not out:
             fresh = start == state.decided  # a window from the first undecided position
-            if not (complete or ((spare > load.others and not single or last) and (available > 0 or fresh))):
+            if not (complete or (((spare > load.others and not single) or last) and (available > 0 or fresh))):
                 return out
         elif not (complete and (spare > 0 or follows_short)):
             return out
