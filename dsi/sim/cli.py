@@ -320,6 +320,9 @@ def register(subparsers: Any) -> None:
              default="own", dest="ld_drafter",
              help="each request's own drafter, or one shared drafter serving the oldest request's urgent drafts "
              "first (as the orchestrator asks of the drafter service) or first come first served")
+    add_flag(load, "--no-yielding", env="DSI_SIM_LOAD_NO_YIELDING", action="store_true", dest="ld_no_yielding",
+             help="no yielding windows: under load a DSI request waits for a full window of drafts (the "
+             "orchestrator's --no-yielding-windows)")
     add_flag(load, "--new-tokens", env="DSI_SIM_LOAD_NEW_TOKENS", type=_int_at_least(1), default=128, metavar="T",
              dest="ld_new_tokens", help="tokens each request generates")
     add_flag(load, "--runs", env="DSI_SIM_LOAD_RUNS", type=_int_at_least(1), default=5, metavar="R",
@@ -477,7 +480,8 @@ def _run_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     unit = "t" if args.ld_target_latency_ms is None else "ms"
     try:
         settings = ClusterSettings(targets=args.ld_targets, target_latency=scale, lookahead=args.ld_lookahead,
-                                   sp=args.ld_sp, headroom=args.ld_headroom, drafter=args.ld_drafter)
+                                   sp=args.ld_sp, headroom=args.ld_headroom, drafter=args.ld_drafter,
+                                   yielding=not args.ld_no_yielding)
     except ValueError as exc:
         parser.error(str(exc))
     levels = len(args.ld_a_values) * len(args.ld_concurrency) * args.ld_runs * 3
@@ -499,12 +503,14 @@ def _run_load(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps({"unit": unit, "settings": {"targets": settings.targets, "lookahead": settings.lookahead,
                                                      "sp": settings.sp, "headroom": settings.headroom,
                                                      "drafter": settings.drafter,
+                                                     "yielding": settings.yielding,
                                                      "drafter_latency": args.ld_drafter_latency,
                                                      "new_tokens": args.ld_new_tokens, "runs": args.ld_runs},
                           "rows": rows}))
         return 0
     print(f"{settings.targets} targets, {settings.drafter} drafter, c={args.ld_drafter_latency:g}, "
           f"L={settings.lookahead}, SP={settings.sp or settings.targets}, headroom {settings.headroom}, "
+          f"yielding windows {'on' if settings.yielding else 'off'}, "
           f"{args.ld_new_tokens} tokens per "
           f"request, medians of {args.ld_runs} runs; tokens per {unit}, latency in {unit}")
     print(f"{'a':>4} {'C':>3} | {'nonSI tok':>9} {'SI tok':>7} {'DSI tok':>7} | {'nonSI p50':>9} {'SI p50':>7} "

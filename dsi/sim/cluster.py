@@ -61,6 +61,8 @@ class ClusterSettings:
             preempted when an urgent one comes (the drafter service's engine), and among drafts of
             one urgency: "shared-age" the oldest request's first (as the orchestrator asks of the
             drafter service), "shared-fifo" first come first served.
+        yielding: short critical windows held back for other requests go out as yielding windows
+            onto idle instances (``policy.yielding_window``; the orchestrator's --yielding-windows).
     """
 
     targets: int
@@ -70,6 +72,7 @@ class ClusterSettings:
     headroom: int = 1
     forward_time: Callable[[int, int, int], float] | None = None
     drafter: str = "own"
+    yielding: bool = True
 
     def __post_init__(self) -> None:
         if self.targets < 1 or self.lookahead < 1 or self.sp < 0 or self.headroom < 0:
@@ -110,6 +113,8 @@ class RequestOutcome:
     windows: int = 0
     preempted: int = 0
     cancelled: int = 0
+    yielding: int = 0  # yielding windows dispatched (``policy.yielding_window``)
+    dropped: int = 0  # of those, preempted or refused an instance (not withdrawn)
     epochs: int = 0
     # Instants at which an event of this request and one of another fell together (within _TIE):
     # their order is the event loop's, which asyncio leaves open; the simulator takes a fixed one.
@@ -135,6 +140,7 @@ class _Window:
     end: int
     rank: int
     first: int  # the first position it scores, counted from the request's first generated token
+    yields: bool = False  # a yielding window (``policy.yielding_window``): dropped when preempted
     done: bool = False
     cancelled: bool = False
     waiting: bool = False
@@ -179,6 +185,9 @@ class _Pool:
         self.under_way.add(id(window.req))
         if self.free and not self.waiters:
             self._start(window)
+            return
+        if window.yields:  # it takes only an instance idle now, or none
+            self._drop(window)
             return
         window.waiting = True
         heapq.heappush(self.waiters, (policy.queue_key(window.rank, next(self.order)), window))
@@ -237,19 +246,29 @@ class _Pool:
 
     def _preempt(self) -> None:
         critical = sum(1 for k, _ in self.waiters if k[0] == 0)
-        views = [policy.RunningWindow(r.rank, r.window.req.seq, r.started, r.preempted) for r in self.running]
+        views = [policy.RunningWindow(r.rank, r.window.req.seq, r.started, r.preempted, yields=r.window.yields)
+                 for r in self.running]
         for i in policy.preemption_victims(critical, views):
             victim = self.running[i]
             victim.preempted = True
             self.sim.after_acquires(functools.partial(self._yield, victim))
 
     def _yield(self, run: _Run) -> None:
-        """A preempted window gives its instance up (to the queue's head) and queues again."""
+        """A preempted window gives its instance up (to the queue's head) and queues again; a
+        yielding one is dropped."""
         if run.over:
             return
         run.window.req.out.preempted += 1
         self._release(run)
-        self.acquire(run.window)
+        if run.window.yields:
+            self._drop(run.window)
+        else:
+            self.acquire(run.window)
+
+    def _drop(self, window: _Window) -> None:
+        window.done = window.cancelled = True
+        window.req.out.dropped += 1
+        self.sim.deliver(window.req, lambda: window.req.window_dropped(window), late=True)
 
 
 # -- the requests -----------------------------------------------------------------------------
@@ -398,8 +417,8 @@ class _Request:
         )
         return end
 
-    def _dispatch(self, start: int, end: int, rank: int) -> _Window:
-        window = _Window(self, self.epoch, start, end, rank, self.base + start)
+    def _dispatch(self, start: int, end: int, rank: int, yields: bool = False) -> _Window:
+        window = _Window(self, self.epoch, start, end, rank, self.base + start, yields)
         self.windows.append(window)
         self.out.windows += 1
         self.sim.acquire_later(window)
@@ -468,9 +487,19 @@ class _Request:
         )
 
     def _dispatch_ready(self, sp: int) -> None:
+        critical = self.windows[self.applied] if self.applied < len(self.windows) else None
+        if critical is not None and critical.yields and policy.withdraw_yielding(self._state(), self.cfg.lookahead):
+            self.windows.pop()  # the only window in flight: its full window goes out instead, onto its instance
+            self.sim.cancel(critical)
         load = self.pool.load(self)
-        for start, end in policy.windows_to_dispatch(self._state(), self.cfg.lookahead, sp, load):
+        state = self._state()
+        windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
+        for start, end in windows:
             self._dispatch(start, end, policy.window_rank(len(self.windows), self.applied))
+        yielding = None if windows or not self.cfg.yielding else policy.yielding_window(state, self.cfg.lookahead, load)
+        if yielding is not None:
+            self.out.yielding += 1
+            self._dispatch(*yielding, policy.window_rank(len(self.windows), self.applied), yields=True)
         self.urgent_until = policy.urgent_until(self._state(), self.cfg.lookahead)
 
     def _open_drafter(self, sp: int) -> None:
@@ -502,6 +531,13 @@ class _Request:
             self._apply(window)
             self._round()
             return
+        self._dsi_event()
+
+    def window_dropped(self, window: _Window) -> None:
+        """A yielding window was preempted or found no idle instance: the request goes on without it."""
+        if window.epoch != self.epoch or window not in self.windows:
+            return
+        self.windows.remove(window)
         self._dsi_event()
 
     def _dsi_event(self) -> None:

@@ -86,7 +86,7 @@ class Token(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., position: _Optional[int] = ..., source: _Optional[_Union[TokenSource, str]] = ..., target: _Optional[str] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("mode", "prompt_tokens", "new_tokens", "windows_dispatched", "windows_applied", "windows_cancelled", "drafts_proposed", "drafts_accepted", "acceptance_rate", "epochs", "max_windows_in_flight", "ttft_s", "wall_s", "tokens_per_s", "wasted_target_s", "seed", "lookahead", "sp_degree", "retries", "drafter_failed", "tokens_from_drafts", "request_id", "target_forwards", "critical_queue_wait_s", "windows_preempted", "auto_tuned")
+    __slots__ = ("mode", "prompt_tokens", "new_tokens", "windows_dispatched", "windows_applied", "windows_cancelled", "drafts_proposed", "drafts_accepted", "acceptance_rate", "epochs", "max_windows_in_flight", "ttft_s", "wall_s", "tokens_per_s", "wasted_target_s", "seed", "lookahead", "sp_degree", "retries", "drafter_failed", "tokens_from_drafts", "request_id", "target_forwards", "critical_queue_wait_s", "windows_preempted", "auto_tuned", "windows_yielding", "windows_dropped")
     MODE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class GenerateStats(_message.Message):
     CRITICAL_QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     AUTO_TUNED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_YIELDING_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     mode: str
     prompt_tokens: int
     new_tokens: int
@@ -139,7 +141,9 @@ class GenerateStats(_message.Message):
     critical_queue_wait_s: float
     windows_preempted: int
     auto_tuned: bool
-    def __init__(self, mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., windows_dispatched: _Optional[int] = ..., windows_applied: _Optional[int] = ..., windows_cancelled: _Optional[int] = ..., drafts_proposed: _Optional[int] = ..., drafts_accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_windows_in_flight: _Optional[int] = ..., ttft_s: _Optional[float] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wasted_target_s: _Optional[float] = ..., seed: _Optional[int] = ..., lookahead: _Optional[int] = ..., sp_degree: _Optional[int] = ..., retries: _Optional[int] = ..., drafter_failed: _Optional[bool] = ..., tokens_from_drafts: _Optional[int] = ..., request_id: _Optional[str] = ..., target_forwards: _Optional[int] = ..., critical_queue_wait_s: _Optional[float] = ..., windows_preempted: _Optional[int] = ..., auto_tuned: _Optional[bool] = ...) -> None: ...
+    windows_yielding: int
+    windows_dropped: int
+    def __init__(self, mode: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., windows_dispatched: _Optional[int] = ..., windows_applied: _Optional[int] = ..., windows_cancelled: _Optional[int] = ..., drafts_proposed: _Optional[int] = ..., drafts_accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_windows_in_flight: _Optional[int] = ..., ttft_s: _Optional[float] = ..., wall_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wasted_target_s: _Optional[float] = ..., seed: _Optional[int] = ..., lookahead: _Optional[int] = ..., sp_degree: _Optional[int] = ..., retries: _Optional[int] = ..., drafter_failed: _Optional[bool] = ..., tokens_from_drafts: _Optional[int] = ..., request_id: _Optional[str] = ..., target_forwards: _Optional[int] = ..., critical_queue_wait_s: _Optional[float] = ..., windows_preempted: _Optional[int] = ..., auto_tuned: _Optional[bool] = ..., windows_yielding: _Optional[int] = ..., windows_dropped: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "text", "finish_reason", "stats")

@@ -48,7 +48,15 @@ class OrchestratorMetrics:
             registry=r,
         )
         self.windows_preempted = Counter(
-            "dsi_windows_preempted", "Speculative windows stopped on a target for a critical window", ["mode"],
+            "dsi_windows_preempted", "Speculative or yielding windows stopped on a target for a critical window",
+            ["mode"], registry=r,
+        )
+        self.windows_yielding = Counter(
+            "dsi_windows_yielding", "Short critical windows sent onto idle targets as yielding windows", ["mode"],
+            registry=r,
+        )
+        self.windows_dropped = Counter(
+            "dsi_windows_dropped", "Yielding windows dropped (preempted, no idle target, or withdrawn)", ["mode"],
             registry=r,
         )
         self.prefix_misses = Counter(
@@ -80,6 +88,8 @@ class OrchestratorMetrics:
         self.target_forwards.labels(m).inc(stats.target_forwards)
         self.critical_queue_wait_s.labels(m).inc(stats.critical_queue_wait_s)
         self.windows_preempted.labels(m).inc(stats.windows_preempted)
+        self.windows_yielding.labels(m).inc(stats.windows_yielding)
+        self.windows_dropped.labels(m).inc(stats.windows_dropped)
         self.request_seconds.labels(m).observe(stats.wall_s)
         if stats.new_tokens:
             self.ttft_seconds.labels(m).observe(stats.ttft_s)

@@ -4,7 +4,8 @@ One window at a time per instance; waiting windows queue by rank (0 = a request'
 then first come first served (``policy.queue_key``). Speculation yields: when a critical window has
 to wait, a running speculative window (rank >= 1) is preempted, the most speculative first: its
 forward is cancelled on the target (a real cancel, the session cache restored) and the window goes
-back to the queue with its rank.
+back to the queue with its rank. A yielding window (``policy.yielding_window``) is preempted before
+any speculation and is then dropped (``Yielded``), as it is when no instance is idle for it.
 
 Affinity: a window prefers the instance that holds the most of its sequence, by the records of
 what each instance holds (``Held``, by reference to the last window it verified there, and the
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
-from dsi.services.orchestrator.scheduler import WindowRequest
+from dsi.services.orchestrator.scheduler import WindowRequest, Yielded
 from dsi.services.orchestrator.targets import Held, TargetInstance, Targets
 from dsi.services.runtime.errors import Unavailable
 from dsi.services.runtime.prefixes import PrefixHashes, common_prefix_len
@@ -299,7 +300,8 @@ class Placement:
         """A warm instance for the window running a speculative window that may be preempted."""
         victims = [
             i for i in self.targets.all()
-            if i.healthy and i.reserved is None and i.running is not None and i.running.rank > 0
+            if i.healthy and i.reserved is None and i.running is not None
+            and (i.running.rank > 0 or i.running.window.yields)
             and not i.running.preempt.done() and not self._cold(i, window)
         ]
         return max(victims, key=lambda i: held_prefix(i, window), default=None)
@@ -377,6 +379,8 @@ class Placement:
             inst = self._best(choices, request)
             self._give(inst, request)
             return inst
+        if request.yields:
+            raise Yielded("no idle instance for a yielding window")
         if rank == 0 and free and not self._waiters:
             # Every free instance is cold for it under load: take a warm one from speculation, or wait.
             victim = self._warm_victim(request)
@@ -444,7 +448,7 @@ class Placement:
         instances = [i for i in self.targets.all() if i.healthy and i.running is not None]
         running = [
             policy.RunningWindow(i.running.rank, i.running.window.request_seq, i.running.started,
-                                 i.running.preempt.done(), i.reserved is not None)
+                                 i.running.preempt.done(), i.reserved is not None, i.running.window.yields)
             for i in instances if i.running is not None
         ]
         for k in policy.preemption_victims(critical, running):

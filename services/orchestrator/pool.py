@@ -22,7 +22,7 @@ from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.metrics import OrchestratorMetrics
 from dsi.services.orchestrator.placement import COLD_TOKENS, PREFILL_BUDGET, Preempted, Running, held_prefix
 from dsi.services.orchestrator.placement import Placement as Placement
-from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult
+from dsi.services.orchestrator.scheduler import WindowRequest, WindowResult, Yielded
 from dsi.services.orchestrator.targets import CHANNEL_OPTIONS as CHANNEL_OPTIONS
 from dsi.services.orchestrator.targets import Held as Held
 from dsi.services.orchestrator.targets import TargetInstance, Targets, TargetSnapshot
@@ -206,9 +206,11 @@ class TargetPool:
             except asyncio.CancelledError:
                 call.cancel()  # a real cancel: the target stops its forward pass
                 raise
-            except Preempted:
+            except Preempted as exc:
                 call.cancel()
                 window.timing.preempted += 1
+                if window.yields:
+                    raise Yielded(str(exc)) from exc  # dropped; the instance goes to the critical window
                 continue  # back to the queue with its rank; the instance goes to the critical window
             except (grpc.aio.AioRpcError, InstanceDown) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):

@@ -17,7 +17,10 @@ DSI, one epoch (everything launched from one committed prefix, at position ``bas
      if no window is computing the first undecided position (the critical path is idle), dispatch
      one over the drafts there are; the drafter runs at most (SP + 1) x L drafts ahead. Under load
      the rules in ``policy.py`` decide: speculative windows, short windows and window 0 only use
-     target capacity nobody else needs, and drafts beyond the critical window are background work;
+     target capacity nobody else needs (held back for other requests, a short critical window goes
+     onto an idle instance as a *yielding* window, dropped when a critical window needs the
+     instance, withdrawn when its full window can go), and drafts beyond the critical window are
+     background work;
   3. apply results strictly in window order; per position: the target's token equals the draft ->
      commit the draft; else commit the target's token, cancel every in-flight window and the drafter
      stream, and start a new epoch (a *rejection*). At the bonus position with no draft yet, commit
@@ -84,6 +87,14 @@ class WindowRequest:
     # token_ids[:committed] are committed: every later window of the request starts with them (the
     # target client relies on it to tell what an instance already holds without comparing them).
     committed: int = 0
+    # A yielding window (``policy.yielding_window``): it takes only an instance idle now, and a
+    # critical window that has to wait preempts it first; either way it fails with ``Yielded``.
+    yields: bool = False
+
+
+class Yielded(Exception):
+    """A yielding window found no idle instance, or gave its instance up to a critical window: it is
+    dropped (the request goes on without it)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,8 @@ class SchedulerConfig:
     rejection: bool = False  # drafter ships its distributions with each draft
     # Most tokens (prefix + drafts) the drafter can hold; no draft is asked beyond it (0 = no limit).
     draft_sequence_length: int = 0
+    # Short critical windows held back for other requests go out as yielding windows on idle targets.
+    yielding: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))  # "dsi" is accepted and becomes Mode.DSI
@@ -196,6 +209,8 @@ class RequestStats:
     target_forwards: int = 0
     critical_queue_wait_s: float = 0.0
     windows_preempted: int = 0
+    windows_yielding: int = 0  # yielding windows dispatched (``policy.yielding_window``)
+    windows_dropped: int = 0  # of those, dropped (preempted, or no idle instance) or withdrawn
     retries: int = 0
     drafter_failed: bool = False
     tokens_from_drafts: int = 0
@@ -252,6 +267,8 @@ class _Epoch:
     base: int
     drafts: list[Draft] = field(default_factory=list)
     windows: list[_Window] = field(default_factory=list)
+    # Yielding windows dropped or withdrawn (no longer in ``windows``): awaited and accounted at the end.
+    dropped: list[_Window] = field(default_factory=list)
     applied: int = 0  # windows applied, in order
     decided: int = 0  # positions decided in this epoch (the committed sequence is base + decided long)
     stream: DraftStream | None = None
@@ -372,7 +389,9 @@ class Scheduler:
         if window.rank == 0:
             self.stats.critical_queue_wait_s += window.timing.queued_s
 
-    def _window_request(self, base: int, drafts: list[Draft], start: int, end: int, rank: int) -> WindowRequest:
+    def _window_request(
+        self, base: int, drafts: list[Draft], start: int, end: int, rank: int, yields: bool = False
+    ) -> WindowRequest:
         probs = None
         if self.cfg.rejection:
             probs = [d.probs or ([], []) for d in drafts[start:end]]
@@ -384,6 +403,7 @@ class Scheduler:
             request_seq=self.request_seq,
             draft_probs=probs,
             committed=base,
+            yields=yields,
         )
 
     # -- non-SI and SI baselines ----------------------------------------------------------------
@@ -467,6 +487,7 @@ class Scheduler:
                     end = self._apply_ready(ep)
                     if end is not None:
                         return
+                self._drop_if_yielded(ep)
                 self._raise_if_critical_failed(ep)
                 sp = self._sp()
                 self._dispatch_ready(ep, sp)
@@ -497,6 +518,22 @@ class Scheduler:
             if exc is not None:
                 raise exc
 
+    def _drop_if_yielded(self, ep: _Epoch) -> None:
+        """The request's yielding window (its only one in flight) failed with ``Yielded``: drop it."""
+        if ep.applied < len(ep.windows) and ep.windows[-1].request.yields:
+            task = ep.windows[-1].task
+            if task.done() and not task.cancelled() and isinstance(task.exception(), Yielded):
+                self._drop_yielding(ep)
+
+    def _drop_yielding(self, ep: _Epoch) -> None:
+        """Take the yielding window out of the epoch (cancelled if it still runs): nothing was
+        dispatched after it, so its positions are simply undecided again."""
+        window = ep.windows.pop()
+        if not window.task.done():
+            window.task.cancel()
+        ep.dropped.append(window)
+        self.stats.windows_dropped += 1
+
     def _apply_ready(self, ep: _Epoch) -> EpochEnd | None:
         applied = ep.applied
         while ep.applied < len(ep.windows) and ep.windows[ep.applied].result is not None:
@@ -515,9 +552,9 @@ class Scheduler:
                     self.target.reprioritize(ep.windows[index].request, policy.window_rank(index, ep.applied))
         return None
 
-    def _dispatch(self, ep: _Epoch, start: int, end: int) -> None:
+    def _dispatch(self, ep: _Epoch, start: int, end: int, yields: bool = False) -> None:
         rank = policy.window_rank(len(ep.windows), ep.applied)
-        request = self._window_request(ep.base, ep.drafts, start, end, rank)
+        request = self._window_request(ep.base, ep.drafts, start, end, rank, yields)
         task = asyncio.create_task(self.target.verify(request))
         window = _Window(start, end, task, request)
         task.add_done_callback(functools.partial(self._window_done, ep, window))
@@ -547,9 +584,19 @@ class Scheduler:
         )
 
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
+        critical = ep.windows[ep.applied] if ep.applied < len(ep.windows) else None
+        if critical is not None and critical.request.yields and not critical.task.done():
+            if policy.withdraw_yielding(self._state(ep), self.cfg.lookahead):
+                self._drop_yielding(ep)  # its full window goes out instead, at once
         load = self.target.load()
-        for start, end in policy.windows_to_dispatch(self._state(ep), self.cfg.lookahead, sp, load):
+        state = self._state(ep)
+        windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
+        for start, end in windows:
             self._dispatch(ep, start, end)
+        yielding = None if windows or not self.cfg.yielding else policy.yielding_window(state, self.cfg.lookahead, load)
+        if yielding is not None:
+            self.stats.windows_yielding += 1
+            self._dispatch(ep, *yielding, yields=True)
         self._mark_urgent(ep)
 
     def _mark_urgent(self, ep: _Epoch) -> None:
@@ -605,6 +652,7 @@ class Scheduler:
                 w.task.cancel()
                 pending.append(w.task)
                 self.stats.windows_cancelled += 1
+        pending += [w.task for w in ep.dropped if not w.task.done()]  # withdrawn: cancelled already
         try:
             if pending:
                 # Waits for the cancels to reach the targets. Unlike awaiting each task (whose
@@ -612,9 +660,9 @@ class Scheduler:
                 # only when *this* task is cancelled, so a request cancelled here stops here.
                 await asyncio.wait(pending)
         finally:
-            for i, w in enumerate(ep.windows):
+            for i, w in enumerate(ep.windows + ep.dropped):
                 if w.task.done() and not w.task.cancelled():
                     w.task.exception()  # retrieved: a failure after the epoch ended is not an error
                 self._account(w.request)
-                if i >= ep.applied:  # cancelled, or computed and never applied: target time lost
+                if i >= ep.applied:  # cancelled, dropped, or computed and never applied: time lost
                     self.stats.wasted_target_s += w.request.timing.held_s

@@ -249,6 +249,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             settings.reproducible,
             Admission(settings.max_active_requests, settings.max_queued_requests, settings.max_queue_wait_s),
             tuner,
+            yielding=settings.yielding_windows,
         )
         servicer.attach(orchestrator, target_model, drafter_model, settings.drafter)
         await server.set_serving()

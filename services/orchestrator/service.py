@@ -96,6 +96,7 @@ class Orchestrator:
         reproducible: bool = False,
         admission: Admission | None = None,
         tuner: Tuner | None = None,
+        yielding: bool = True,
     ) -> None:
         self.pool = pool
         self.drafter = drafter
@@ -104,6 +105,8 @@ class Orchestrator:
         self.eos = set(eos_token_ids)
         self.metrics = metrics
         self.reproducible = reproducible
+        # Short critical windows held back for other requests go out as yielding windows.
+        self.yielding = yielding
         self.admission = admission or Admission(max_active=1 << 30, max_queued=0, max_wait_s=0.0)
         # Chooses lookahead and SP degree for requests that leave them to the server's 'auto'.
         self.tuner = tuner or Tuner(limits.max_lookahead)
@@ -173,6 +176,7 @@ class Orchestrator:
                 max_new_tokens=new_tokens_within_context(len(prompt), params, self.limits),
                 rejection=params.sampling.rejection,
                 draft_sequence_length=self.limits.draft_sequence_length,
+                yielding=self.yielding,
             ),
             session_id=request_id,
             request_seq=request_seq,

@@ -50,6 +50,7 @@ class OrchestratorSettings:
     cold_prefill_tokens: int = 256
     prefill_budget: float = 1.5
     speculation_headroom: int = 1
+    yielding_windows: bool = True
 
 
 def _split(values: list[str] | str | None) -> tuple[str, ...]:
@@ -136,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--speculation-headroom", env=f"{env}_SPECULATION_HEADROOM", type=int, default=1,
              help="idle target instances DSI's speculation leaves to other requests' critical windows while "
                   "other requests run (0 = speculate on every idle instance)")
+    add_flag(parser, "--no-yielding-windows", env=f"{env}_NO_YIELDING_WINDOWS", action="store_true",
+             help="while other requests run, a DSI request waits for a full window of drafts, as SI does; by "
+                  "default its shorter critical window (the target's next token, say) goes out anyway onto a "
+                  "target instance idle now, as a yielding window: any other request's critical window "
+                  "preempts it, and it is dropped then (target time nobody needs, turned into tokens while "
+                  "the drafter is the bottleneck)")
     add_server_tls_arguments(parser, env, "clients (SDK, CLI, gateway)")
     add_upstream_tls_arguments(parser, env)
     add_flag(parser, "--api-key-file", env=f"{env}_API_KEY_FILE", default="",
@@ -217,4 +224,5 @@ def settings_from_args(ns: argparse.Namespace) -> OrchestratorSettings:
         cold_prefill_tokens=ns.cold_prefill_tokens,
         prefill_budget=ns.prefill_budget,
         speculation_headroom=ns.speculation_headroom,
+        yielding_windows=not ns.no_yielding_windows,
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from dsi.services.orchestrator import policy
 from dsi.services.orchestrator.placement import Placement, Running
-from dsi.services.orchestrator.scheduler import Draft, WindowRequest, WindowResult
+from dsi.services.orchestrator.scheduler import Draft, WindowRequest, WindowResult, Yielded
 from dsi.services.orchestrator.targets import TargetInstance
 
 VOCAB = 50
@@ -158,7 +158,9 @@ class PlacedTarget:
         try:
             while True:
                 inst = await self.placement.acquire(window)
-                inst.running = Running(window, self.placement.rank(window), loop.time(), loop.create_future())
+                window.timing.acquired += 1
+                started = loop.time()
+                inst.running = Running(window, self.placement.rank(window), started, loop.create_future())
                 forward = asyncio.ensure_future(asyncio.sleep(self.latency(window)))
                 try:
                     await asyncio.wait([forward, inst.running.preempt], return_when=asyncio.FIRST_COMPLETED)
@@ -166,12 +168,16 @@ class PlacedTarget:
                     computed = forward.done() and not forward.cancelled()
                     forward.cancel()
                     inst.running = None
+                    window.timing.held_s += loop.time() - started
                     self.placement.release(inst)
-                if computed:  # else preempted: back to the queue with its rank
+                if computed:  # else preempted: back to the queue with its rank (a yielding one is dropped)
                     self.placement.verified(inst, window)
                     ids = window.token_ids
                     tokens = [target_token(ids[:j]) for j in range(window.first_position, len(ids) + 1)]
                     return WindowResult(tokens, inst.address, self.latency(window))
+                window.timing.preempted += 1
+                if window.yields:
+                    raise Yielded("preempted")
         finally:
             self.placement.untrack(window)
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from dsi.services.orchestrator.policy import EpochState, Load, urgent_until, windows_to_dispatch
+from dsi.services.orchestrator.policy import (
+    EpochState,
+    Load,
+    RunningWindow,
+    preemption_victims,
+    urgent_until,
+    windows_to_dispatch,
+    withdraw_yielding,
+    yielding_window,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -132,3 +141,45 @@ def test_a_new_critical_window_starts_at_the_first_undecided_position() -> None:
     # The last position to generate: no draft will come for it, the window goes without drafts.
     assert windows_to_dispatch(state(drafts=5, decided=5, dispatched_end=4, windows=2, applied=2, budget=5), L, SP,
                                BUSY) == [(5, 5)]
+
+
+def test_a_short_critical_window_held_back_for_others_goes_out_as_a_yielding_one() -> None:
+    """Where the rules hold window 0 or a short critical window back for the other requests under
+    way, it may still go onto a spare instance as a yielding window (preempted first, then dropped),
+    over the drafts there are; never without a spare instance, never when a full window could go
+    (the rules send that one), never while a window is in flight, never confined to one instance."""
+    crowded = Load(spare_targets=1, others=15)
+    idle_critical = state(drafts=6, decided=5, dispatched_end=4, windows=2, applied=2)
+    assert windows_to_dispatch(state(), L, SP, crowded) == []
+    assert yielding_window(state(), L, crowded) == (0, 0)
+    assert yielding_window(state(drafts=3), L, crowded) == (0, 3)
+    assert yielding_window(idle_critical, L, crowded) == (5, 6)
+    assert yielding_window(state(), L, Load(spare_targets=0, others=15)) is None
+    assert yielding_window(state(drafts=4), L, crowded) is None  # a full window: windows_to_dispatch's
+    in_flight = state(drafts=2, windows=1, applied=0, in_flight=1, critical_start=0, critical_end=0)
+    assert yielding_window(in_flight, L, crowded) is None
+    assert yielding_window(state(), L, Load(spare_targets=1, confined=1)) is None
+
+
+def test_a_yielding_window_is_withdrawn_once_its_full_window_can_go() -> None:
+    computing = dict(windows=1, applied=0, in_flight=1, critical_start=0, critical_end=0)
+    assert not withdraw_yielding(state(drafts=3, **computing), L)
+    assert withdraw_yielding(state(drafts=4, **computing), L)
+    # No more drafts to come: withdrawn for a window over more drafts than it carries, not otherwise.
+    assert withdraw_yielding(state(drafts=2, more_drafts=False, **computing), L)
+    short = dict(computing, critical_end=2)
+    assert not withdraw_yielding(state(drafts=2, more_drafts=False, **short), L)
+    assert not withdraw_yielding(state(drafts=3, **short), L)
+    assert withdraw_yielding(state(drafts=4, **short), L)
+
+
+def test_yielding_windows_are_preempted_before_any_speculation() -> None:
+    running = [
+        RunningWindow(rank=0, request_seq=1, started=0.0, preempted=False),  # critical: never
+        RunningWindow(rank=3, request_seq=9, started=2.0, preempted=False),
+        RunningWindow(rank=0, request_seq=0, started=1.0, preempted=False, yields=True),
+        RunningWindow(rank=1, request_seq=2, started=3.0, preempted=False),
+    ]
+    assert preemption_victims(1, running) == [2]
+    assert preemption_victims(3, running) == [2, 1, 3]
+    assert preemption_victims(1, [*running[:2], RunningWindow(0, 0, 1.0, True, yields=True)]) == []

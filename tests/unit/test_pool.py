@@ -11,7 +11,7 @@ from dsi.services.orchestrator.metrics import OrchestratorMetrics
 from dsi.services.orchestrator.placement import PREFILL_BUDGET
 from dsi.services.orchestrator.policy import Load
 from dsi.services.orchestrator.pool import Held, TargetPool
-from dsi.services.orchestrator.scheduler import RequestStats, WindowRequest
+from dsi.services.orchestrator.scheduler import RequestStats, WindowRequest, Yielded
 from dsi.services.runtime.params import Mode
 
 pytestmark = pytest.mark.unit
@@ -420,6 +420,59 @@ def test_preemption_stops_the_newest_requests_speculation_first() -> None:
         await pool.verify(window("crit", [1], 0, 9), sampling, "r")
         await asyncio.gather(new, old)
         assert new_window.timing.preempted == 1 and old_window.timing.preempted == 0
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def yielding(session: str, tokens: list[int], request_seq: int) -> WindowRequest:
+    return WindowRequest(session, tokens, len(tokens), 0, request_seq, yields=True)
+
+
+def test_a_critical_window_preempts_a_yielding_one_which_is_dropped() -> None:
+    """A yielding window (rank 0, its request's critical path) gives its instance up to another
+    request's critical window at once, its forward cancelled on the target, and is not sent again:
+    its verify fails with Yielded."""
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"y": 0.5, "crit": 0.05})
+        pool = _one_instance_pool(stub)
+        sampling = common_pb2.SamplingParams()
+        y_window = yielding("y", [1, 2], 0)
+        y = asyncio.ensure_future(pool.verify(y_window, sampling, "y"))
+        await asyncio.sleep(0.05)  # the yielding window holds the only instance
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await pool.verify(window("crit", [1, 2], 0, 1), sampling, "crit")
+        assert loop.time() - t0 < 0.2  # did not wait out the yielding forward (0.5 s)
+        with pytest.raises(Yielded):
+            await y
+        assert [name for name, _ in stub.calls] == ["y", "crit"]
+        assert stub.calls[0][1].cancelled
+        assert y_window.timing.preempted == 1 and y_window.timing.acquired == 1
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_yielding_window_never_waits_for_an_instance() -> None:
+    from dsi.v1 import common_pb2
+
+    async def main() -> None:
+        stub = _SessionStub({"crit": 0.2, "y": 0.01})
+        pool = _one_instance_pool(stub)
+        sampling = common_pb2.SamplingParams()
+        crit = asyncio.ensure_future(pool.verify(window("crit", [1], 0, 0), sampling, "crit"))
+        await asyncio.sleep(0.02)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(Yielded):
+            await pool.verify(yielding("y", [1], 1), sampling, "y")
+        assert loop.time() - t0 < 0.1
+        await crit
+        assert [name for name, _ in stub.calls] == ["crit"]  # never sent
+        assert not stub.calls[0][1].cancelled
         await pool.close()
 
     asyncio.run(main())
@@ -880,3 +933,18 @@ def test_the_prefill_budget_flag(arg: str | None, budget: float | None) -> None:
             settings_from_args(parser.parse_args(argv))
     else:
         assert settings_from_args(parser.parse_args(argv)).prefill_budget == budget
+
+
+@pytest.mark.parametrize(("argv", "env", "on"), [([], {}, True), (["--no-yielding-windows"], {}, False),
+                                                 ([], {"DSI_ORCHESTRATOR_NO_YIELDING_WINDOWS": "1"}, False)])
+def test_the_yielding_windows_flag(argv: list[str], env: dict[str, str], on: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from dsi.services.orchestrator.settings import add_arguments, settings_from_args
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--targets", "a:1", *argv])).yielding_windows is on
