@@ -62,7 +62,8 @@ class ClusterSettings:
             one urgency: "shared-age" the oldest request's first (as the orchestrator asks of the
             drafter service), "shared-fifo" first come first served.
         yielding: short critical windows held back for other requests go out as yielding windows
-            onto idle instances (``policy.yielding_window``; the orchestrator's --yielding-windows).
+            onto idle instances (``policy.yielding_window``; off: the orchestrator's
+            --no-yielding-windows).
     """
 
     targets: int
@@ -114,7 +115,7 @@ class RequestOutcome:
     preempted: int = 0
     cancelled: int = 0
     yielding: int = 0  # yielding windows dispatched (``policy.yielding_window``)
-    dropped: int = 0  # of those, preempted or refused an instance (not withdrawn)
+    dropped: int = 0  # of those, preempted, refused an instance or withdrawn (``windows_dropped``)
     epochs: int = 0
     # Instants at which an event of this request and one of another fell together (within _TIE):
     # their order is the event loop's, which asyncio leaves open; the simulator takes a fixed one.
@@ -187,7 +188,7 @@ class _Pool:
             self._start(window)
             return
         if window.yields:  # it takes only an instance idle now, or none
-            self._drop(window)
+            self._drop(window, refused=True)
             return
         window.waiting = True
         heapq.heappush(self.waiters, (policy.queue_key(window.rank, next(self.order)), window))
@@ -261,14 +262,13 @@ class _Pool:
         run.window.req.out.preempted += 1
         self._release(run)
         if run.window.yields:
-            self._drop(run.window)
+            self._drop(run.window, refused=False)
         else:
             self.acquire(run.window)
 
-    def _drop(self, window: _Window) -> None:
-        window.done = window.cancelled = True
-        window.req.out.dropped += 1
-        self.sim.deliver(window.req, lambda: window.req.window_dropped(window), late=True)
+    def _drop(self, window: _Window, refused: bool) -> None:
+        window.cancelled = True
+        self.sim.deliver(window.req, lambda: window.req.window_dropped(window, refused), late=True)
 
 
 # -- the requests -----------------------------------------------------------------------------
@@ -386,6 +386,7 @@ class _Request:
         self.requested = 0
         self.stream: _Stream | None = None
         self.urgent_until: int | None = None  # drafts of the epoch below this are urgent (None: all)
+        self.hold_yielding = False  # a yielding window was refused an instance (``_Epoch.hold_yielding``)
 
     # -- shared pieces (as in ``Scheduler``) --------------------------------------------------------
 
@@ -442,6 +443,7 @@ class _Request:
         self.windows = []
         self.stream = None
         self.urgent_until = None
+        self.hold_yielding = False
         mode = self.spec.mode
         if mode == "nonsi":
             self._dispatch(0, 0, 0)
@@ -479,7 +481,7 @@ class _Request:
             dispatched_end=self.windows[-1].end if self.windows else 0,
             windows=len(self.windows),
             applied=self.applied,
-            in_flight=sum(1 for w in self.windows[self.applied :] if not w.done),
+            in_flight=sum(1 for w in self.windows[self.applied :] if not (w.done or w.cancelled)),
             budget=self.decided + self.remaining() - 1,
             more_drafts=self.drafts < self.requested or room > 0,
             critical_start=critical.start if critical else 0,
@@ -487,16 +489,21 @@ class _Request:
         )
 
     def _dispatch_ready(self, sp: int) -> None:
+        # The load is read with a withdrawn window's instance still busy, as the scheduler reads it
+        # (its cancel frees the instance after the dispatch).
+        load = self.pool.load(self)
         critical = self.windows[self.applied] if self.applied < len(self.windows) else None
         if critical is not None and critical.yields and policy.withdraw_yielding(self._state(), self.cfg.lookahead):
-            self.windows.pop()  # the only window in flight: its full window goes out instead, onto its instance
+            self.windows.pop()  # the only window in flight: its full window goes out instead, at once
+            self.out.dropped += 1
             self.sim.cancel(critical)
-        load = self.pool.load(self)
         state = self._state()
         windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
         for start, end in windows:
             self._dispatch(start, end, policy.window_rank(len(self.windows), self.applied))
-        yielding = None if windows or not self.cfg.yielding else policy.yielding_window(state, self.cfg.lookahead, load)
+        yielding = None
+        if self.cfg.yielding and not windows and not self.hold_yielding:
+            yielding = policy.yielding_window(state, self.cfg.lookahead, load)
         if yielding is not None:
             self.out.yielding += 1
             self._dispatch(*yielding, policy.window_rank(len(self.windows), self.applied), yields=True)
@@ -519,6 +526,7 @@ class _Request:
         if stream is not self.stream or stream.cancelled:
             return  # a draft of an epoch that has ended
         self.drafts += 1
+        self.hold_yielding = False
         self._dsi_event()
 
     # -- a window finished ------------------------------------------------------------------------
@@ -531,13 +539,17 @@ class _Request:
             self._apply(window)
             self._round()
             return
+        if not window.yields:
+            self.hold_yielding = False
         self._dsi_event()
 
-    def window_dropped(self, window: _Window) -> None:
+    def window_dropped(self, window: _Window, refused: bool) -> None:
         """A yielding window was preempted or found no idle instance: the request goes on without it."""
         if window.epoch != self.epoch or window not in self.windows:
             return
         self.windows.remove(window)
+        self.out.dropped += 1
+        self.hold_yielding = refused
         self._dsi_event()
 
     def _dsi_event(self) -> None:

@@ -304,7 +304,9 @@ class Placement:
             and (i.running.rank > 0 or i.running.window.yields)
             and not i.running.preempt.done() and not self._cold(i, window)
         ]
-        return max(victims, key=lambda i: held_prefix(i, window), default=None)
+        # Yielding windows first (``policy.preemption_victims``), then the instance holding the most.
+        return max(victims, key=lambda i: (i.running is not None and i.running.window.yields, held_prefix(i, window)),
+                   default=None)
 
     async def _take_over(self, victim: TargetInstance) -> TargetInstance | None:
         """Preempt the victim's speculative window and get its instance when the call ends (None if it
@@ -366,6 +368,8 @@ class Placement:
 
     async def acquire(self, request: WindowRequest) -> TargetInstance:
         """An instance for the window, once its turn comes (``release`` it after the call)."""
+        if request.yields:
+            return self._idle_for_yielding(request)
         interval = self.targets.health_interval_s
         grace = time.monotonic() + max(2.0, 3 * interval)
         while self.targets.healthy_count() == 0:
@@ -379,8 +383,6 @@ class Placement:
             inst = self._best(choices, request)
             self._give(inst, request)
             return inst
-        if request.yields:
-            raise Yielded("no idle instance for a yielding window")
         if rank == 0 and free and not self._waiters:
             # Every free instance is cold for it under load: take a warm one from speculation, or wait.
             victim = self._warm_victim(request)
@@ -409,6 +411,21 @@ class Placement:
                 self._waiters = [w for w in self._waiters if not w.future.done()]
                 heapq.heapify(self._waiters)
             self._report_queue()
+
+    def _idle_for_yielding(self, request: WindowRequest) -> TargetInstance:
+        """A yielding window takes an instance idle now that no live waiting window may use (those
+        cold for the waiters, say), or none: ``Yielded``. As ``load`` counts spare instances, so that
+        a request is not sent a yielding window it cannot place (it would be sent again at once)."""
+        waiting = [w.request for w in self._waiters if not w.future.done()]
+        choices = [
+            i for i in self._free()
+            if self._may_run(i, request) and not any(self._may_run(i, other) for other in waiting)
+        ]
+        if not choices:
+            raise Yielded("no idle instance for a yielding window")
+        inst = self._best(choices, request)
+        self._give(inst, request)
+        return inst
 
     def _report_queue(self) -> None:
         if self.metrics is not None:

@@ -137,7 +137,8 @@ def yielding_window(state: EpochState, lookahead: int, load: Load) -> tuple[int,
 
 def withdraw_yielding(state: EpochState, lookahead: int) -> bool:
     """The request's critical window is a yielding one (``yielding_window``): withdraw it (cancel it
-    and send the full window instead, at once, onto the instance it frees) when its full window can
+    and send the full window instead, at once; the instance it frees goes to the queue's head, as
+    any) when its full window can
     go out: ``lookahead`` drafts from its start, or more drafts than it carries and no more to come.
 
     Withdrawn, not kept beside the full window: kept, the yielding window's result would come first

@@ -270,6 +270,9 @@ class _Epoch:
     # Yielding windows dropped or withdrawn (no longer in ``windows``): awaited and accounted at the end.
     dropped: list[_Window] = field(default_factory=list)
     applied: int = 0  # windows applied, in order
+    # A yielding window found no idle instance: none is sent again until another event (a draft, a
+    # window's end) may have changed that, so that a request never loops sending and dropping one.
+    hold_yielding: bool = False
     decided: int = 0  # positions decided in this epoch (the committed sequence is base + decided long)
     stream: DraftStream | None = None
     reader: asyncio.Task[None] | None = None
@@ -473,6 +476,8 @@ class Scheduler:
             self._open_drafter(ep, sp)
             while True:
                 event = await ep.events.get()
+                if not (isinstance(event, _WindowFinished) and event.window.request.yields):
+                    ep.hold_yielding = False
                 if isinstance(event, _DraftStreamEnded):
                     if event.stream is not ep.stream:
                         continue
@@ -523,6 +528,7 @@ class Scheduler:
         if ep.applied < len(ep.windows) and ep.windows[-1].request.yields:
             task = ep.windows[-1].task
             if task.done() and not task.cancelled() and isinstance(task.exception(), Yielded):
+                ep.hold_yielding = ep.windows[-1].request.timing.acquired == 0  # refused, not preempted
                 self._drop_yielding(ep)
 
     def _drop_yielding(self, ep: _Epoch) -> None:
@@ -593,7 +599,9 @@ class Scheduler:
         windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
         for start, end in windows:
             self._dispatch(ep, start, end)
-        yielding = None if windows or not self.cfg.yielding else policy.yielding_window(state, self.cfg.lookahead, load)
+        yielding = None
+        if self.cfg.yielding and not windows and not ep.hold_yielding:
+            yielding = policy.yielding_window(state, self.cfg.lookahead, load)
         if yielding is not None:
             self.stats.windows_yielding += 1
             self._dispatch(ep, *yielding, yields=True)

@@ -140,8 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--no-yielding-windows", env=f"{env}_NO_YIELDING_WINDOWS", action="store_true",
              help="while other requests run, a DSI request waits for a full window of drafts, as SI does; by "
                   "default its shorter critical window (the target's next token, say) goes out anyway onto a "
-                  "target instance idle now, as a yielding window: any other request's critical window "
-                  "preempts it, and it is dropped then (target time nobody needs, turned into tokens while "
+                  "target instance idle now, as a yielding window: another request's critical window that has to "
+                  "wait preempts it, and it is dropped then (target time nobody needs, turned into tokens while "
                   "the drafter is the bottleneck)")
     add_server_tls_arguments(parser, env, "clients (SDK, CLI, gateway)")
     add_upstream_tls_arguments(parser, env)

@@ -151,6 +151,7 @@ class PlacedTarget:
         self.latency = latency if callable(latency) else (lambda _window, fixed=latency: fixed)
         self.placement = Placement(self.targets)  # type: ignore[arg-type]
         self.rerank = rerank
+        self.yielding_preempted = 0  # yielding windows preempted (and dropped)
 
     async def verify(self, window: WindowRequest) -> WindowResult:
         loop = asyncio.get_running_loop()
@@ -177,6 +178,7 @@ class PlacedTarget:
                     return WindowResult(tokens, inst.address, self.latency(window))
                 window.timing.preempted += 1
                 if window.yields:
+                    self.yielding_preempted += 1
                     raise Yielded("preempted")
         finally:
             self.placement.untrack(window)

@@ -90,9 +90,13 @@ SCENARIOS = [  # (requests, seconds between arrivals, acceptance)
 CONTROL = [pytest.param(24, 1.0, 0.8, id="24-requests-every-1s")]
 
 
+@pytest.mark.parametrize("yielding", [True, False], ids=["yielding", "no-yielding"])
 @pytest.mark.parametrize(("requests", "every_s", "acceptance"), SCENARIOS)
-def test_no_request_goes_long_without_a_token(requests: int, every_s: float, acceptance: float) -> None:
-    served = _serve(requests, every_s, acceptance)
+def test_no_request_goes_long_without_a_token(requests: int, every_s: float, acceptance: float,
+                                              yielding: bool) -> None:
+    """With yielding windows (the default) and without them: the control below runs without, so
+    that the pair differs only in re-ranking."""
+    served = _serve(requests, every_s, acceptance, yielding=yielding)
     bound = _bound_s(served)
     gaps = {i: _longest_gap(commits) for i, (_, commits) in served.items()}
     worst = max(gaps, key=gaps.__getitem__)

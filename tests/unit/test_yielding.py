@@ -10,9 +10,17 @@ import asyncio
 
 import pytest
 
-from dsi.services.orchestrator.scheduler import RequestStats, Scheduler, SchedulerConfig, WindowRequest
+from dsi.services.orchestrator.policy import Load
+from dsi.services.orchestrator.scheduler import (
+    RequestStats,
+    Scheduler,
+    SchedulerConfig,
+    WindowRequest,
+    WindowResult,
+    Yielded,
+)
 from dsi.sim.cluster import ClusterRequest, ClusterSettings, simulate_cluster
-from tests.unit.fakes import FakeDrafter, PlacedTarget, RequestTarget, reference, run_virtual
+from tests.unit.fakes import FakeDrafter, FakeTarget, PlacedTarget, RequestTarget, reference, run_virtual
 
 pytestmark = pytest.mark.unit
 
@@ -113,8 +121,44 @@ def test_another_requests_critical_window_preempts_a_yielding_one() -> None:
 
     run_virtual(main)
     assert sum(s.windows_yielding for s in stats) > 0
-    assert sum(s.windows_preempted for s in stats) > 0
+    assert shared.yielding_preempted > 0
     assert 0 < sum(s.windows_dropped for s in stats) <= sum(s.windows_yielding for s in stats)
+
+
+class _NoRoomForYielding(FakeTarget):
+    """Reports an instance spare with another request under way, yet refuses every yielding window
+    (as a placement whose queue holds a window that may use the free instance would)."""
+
+    refused: int = 0
+
+    def load(self) -> Load:
+        return Load(spare_targets=1, others=1)
+
+    async def verify(self, window: WindowRequest) -> WindowResult:
+        if window.yields:
+            self.refused += 1
+            if self.refused > 1000:
+                raise AssertionError("a yielding window is sent again and again")
+            raise Yielded("no idle instance")
+        return await super().verify(window)
+
+
+def test_a_refused_yielding_window_is_not_sent_again_until_something_changes() -> None:
+    """A yielding window that found no idle instance is not sent again before the next draft or
+    window result (else the request would send and drop one without end, the event loop spinning)."""
+    target = _NoRoomForYielding(instances=2, latency=1.0)
+    drafter = FakeDrafter(latency=0.1, acceptance=0.8)
+    config = SchedulerConfig(mode="dsi", lookahead=4, max_new_tokens=20)
+    ids: list[int] = []
+
+    async def main() -> RequestStats:
+        return await Scheduler(target, drafter, config, "s").run(PROMPT, lambda t: ids.append(t.token_id) or False)
+
+    stats = run_virtual(main)
+    assert isinstance(stats, RequestStats)
+    assert ids == reference(PROMPT, 20)
+    assert 0 < target.refused == stats.windows_yielding == stats.windows_dropped
+    assert stats.windows_yielding <= stats.drafts_proposed + stats.windows_dispatched
 
 
 def test_the_simulator_with_a_shared_drafter_turns_idle_target_time_into_tokens() -> None:
@@ -139,3 +183,42 @@ def test_the_simulator_with_a_shared_drafter_turns_idle_target_time_into_tokens(
     assert with_tok > 1.1 * without_tok
     assert with_tok > 1.1 * si_tok
     assert with_p50 <= 1.05 * si_p50
+
+
+def test_a_yielding_window_takes_an_idle_instance_the_waiting_windows_may_not_use() -> None:
+    """Placement: the queue holds a critical window of a long sequence that waits for the one
+    instance warm for it (busy); the three idle instances are cold for it, and spare for others
+    (``load`` counts them): a yielding window takes one of them, as ``load`` promised, rather than
+    fail with Yielded (the request would send it again at once); never one the waiting window may
+    use."""
+    from dsi.services.orchestrator.placement import Placement
+    from dsi.services.orchestrator.targets import Held
+    from tests.unit.fakes import _Instances
+
+    async def main() -> None:
+        instances = _Instances(4)
+        placement = Placement(instances, cold_tokens=1)  # type: ignore[arg-type]
+        long = list(range(10, 20))
+        warm = instances.instances[0]
+        warm.sessions["x"] = Held(long, 10, 10)
+        warm.busy = True
+        x = WindowRequest("x", [*long, 7], 10, 0, 0, committed=10)
+        placement.track(x)
+        placement.track(WindowRequest("z", [1], 1, 0, 1))  # another request under way
+        waiting = asyncio.ensure_future(placement.acquire(x))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # queued for the warm instance
+        y = WindowRequest("y", [1, 2], 2, 0, 2, yields=True)
+        placement.track(y)
+        assert placement.load("y").spare_targets >= 1
+        got = await placement.acquire(y)
+        assert got in instances.instances[1:]
+        placement.release(got)
+        # An idle instance the waiting window may use is left to it.
+        instances.instances[1].sessions["x"] = Held(long, 10, 10)
+        got = await placement.acquire(WindowRequest("y", [1, 2], 2, 0, 2, yields=True))
+        assert got in instances.instances[2:]
+        placement.release(got)  # hands the free instances out: the waiting window takes instance 1
+        assert await waiting is instances.instances[1]
+
+    asyncio.run(main())
