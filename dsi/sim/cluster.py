@@ -492,12 +492,13 @@ class _Request:
         # The load is read with a withdrawn window's instance still busy, as the scheduler reads it
         # (its cancel frees the instance after the dispatch).
         load = self.pool.load(self)
+        state = self._state()
         critical = self.windows[self.applied] if self.applied < len(self.windows) else None
-        if critical is not None and critical.yields and policy.withdraw_yielding(self._state(), self.cfg.lookahead):
+        if critical is not None and critical.yields and policy.withdraw_yielding(state, self.cfg.lookahead):
             self.windows.pop()  # the only window in flight: its full window goes out instead, at once
             self.out.dropped += 1
             self.sim.cancel(critical)
-        state = self._state()
+            state = self._state()
         windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
         for start, end in windows:
             self._dispatch(start, end, policy.window_rank(len(self.windows), self.applied))

@@ -590,12 +590,13 @@ class Scheduler:
         )
 
     def _dispatch_ready(self, ep: _Epoch, sp: int) -> None:
+        state = self._state(ep)
         critical = ep.windows[ep.applied] if ep.applied < len(ep.windows) else None
         if critical is not None and critical.request.yields and not critical.task.done():
-            if policy.withdraw_yielding(self._state(ep), self.cfg.lookahead):
+            if policy.withdraw_yielding(state, self.cfg.lookahead):
                 self._drop_yielding(ep)  # its full window goes out instead, at once
+                state = self._state(ep)
         load = self.target.load()
-        state = self._state(ep)
         windows = policy.windows_to_dispatch(state, self.cfg.lookahead, sp, load)
         for start, end in windows:
             self._dispatch(ep, start, end)
